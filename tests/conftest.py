@@ -1,0 +1,22 @@
+import pytest
+
+from tests.tiny_model import build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An HF folder with a tiny random Llama and a BPE tokenizer trained on repo text."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    from server.models import load_model
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (SmolLM2-135M-Instruct, packaged GGUF); loaded once per run."""
+    from server.models import load_model
+    return load_model("default", device="cpu")
