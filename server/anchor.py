@@ -1,0 +1,95 @@
+"""The anchor: the exact model, its KV caches, and the holograms and model pack built from them.
+
+The anchor model is the truth. The resonator model (the one the browser runs, by default
+the same) gets its own KV cache when it differs, because a hologram is that model's state.
+A hologram segment covers KV positions [start, end) with end = len(ids) - 1: the last
+prompt token is left for the resonator's first decode step, which yields the first logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from transformers import DynamicCache
+
+from protocol.holo import content_hash
+from server import hologram, pack
+from server.models import LoadedModel, check_same_tokenizer
+from server.spectral import PRESETS, CodecParams
+
+
+@dataclass
+class Caches:
+    """One conversation's exact state: its token ids and the KV caches over all of them."""
+    ids: list[int] = field(default_factory=list)
+    anchor: DynamicCache | None = None
+    resonator: DynamicCache | None = None  # None when the resonator model is the anchor model
+
+
+class Anchor:
+    def __init__(self, lm: LoadedModel, resonator_lm: LoadedModel | None = None, codec: str = "default"):
+        if codec not in PRESETS:
+            raise ValueError(f"unknown codec preset {codec!r}; known: {', '.join(PRESETS)}")
+        self.lm = lm
+        self.res_lm = resonator_lm or lm
+        if self.res_lm is not lm:
+            check_same_tokenizer(lm, self.res_lm)
+        self.codec: CodecParams = PRESETS[codec]
+
+    @property
+    def model_key(self) -> str:
+        """URL-safe id of the resonator's model pack."""
+        return self.pack_hash[:16]
+
+    @cached_property
+    def pack_bytes(self) -> bytes:
+        return pack.build_pack(self.res_lm)
+
+    @cached_property
+    def pack_hash(self) -> str:
+        return content_hash(self.pack_bytes)
+
+    @cached_property
+    def basis(self) -> pack.CodecBasis:
+        return pack.basis_from_pack(self.pack_bytes)
+
+    def kv_bytes_per_token(self) -> int:
+        total = 0
+        for m in {id(self.lm): self.lm, id(self.res_lm): self.res_lm}.values():
+            c = m.config
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * m.model.dtype.itemsize
+        return total
+
+    @torch.no_grad()
+    def prefill(self, caches: Caches, new_ids: list[int]) -> torch.Tensor:
+        """Extend the exact caches by `new_ids`; return the anchor's logits [V] after the last one."""
+        if not new_ids:
+            raise ValueError("nothing to prefill")
+        if caches.anchor is None:
+            caches.anchor = DynamicCache(config=self.lm.config)
+            if self.res_lm is not self.lm:
+                caches.resonator = DynamicCache(config=self.res_lm.config)
+        dev = self.lm.model.device
+        x = torch.tensor([new_ids], device=dev)
+        out = self.lm.model(input_ids=x, cache=caches.anchor, use_cache=True, logits_to_keep=1)
+        if caches.resonator is not None:
+            self.res_lm.model(input_ids=x.to(self.res_lm.model.device), cache=caches.resonator,
+                              use_cache=True, logits_to_keep=1)
+        caches.ids.extend(new_ids)
+        return out.logits[0, -1].float()
+
+    def hologram_bytes(self, caches: Caches, start: int = 0) -> bytes:
+        """The `.holo` conversation hologram of KV positions [start, len(ids) - 1)."""
+        cache = caches.resonator if caches.resonator is not None else caches.anchor
+        end = len(caches.ids) - 1
+        if cache is None or not 0 <= start <= end:
+            raise ValueError(f"no hologram segment [{start}, {end})")
+        keys = torch.stack([layer.keys[0, :, start:end] for layer in cache.layers])  # [L, G, T, Dh]
+        values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
+        return hologram.build(keys.float().cpu(), values.float().cpu(), start=start,
+                              next_id=caches.ids[end], basis=self.basis, params=self.codec,
+                              model_id=self.res_lm.model_id, tokenizer_id=self.res_lm.tokenizer_id,
+                              pack_hash=self.pack_hash)
