@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def save_hologram(holo: Holo, deflate: frozenset[str] | set[str] = frozenset()) 
         raise HoloError(f"metadata is {len(meta)} bytes, limit {MAX_META}")
     payloads, entries = [], []
     for name, arr in holo.tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # ascontiguousarray would turn 0-d into shape (1,)
         dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         if dt not in DTYPE_CODES:
             raise HoloError(f"tensor {name!r}: unsupported dtype {arr.dtype}")
@@ -139,7 +140,7 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
         raise HoloError("metadata and directory run past the end of the file")
     try:
         meta = json.loads(bytes(data[HEADER.size:HEADER.size + meta_len]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also huge ints and deep nesting
         raise HoloError(f"metadata is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise HoloError("metadata must be a JSON object")
@@ -179,7 +180,7 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
             raise HoloError(f"tensor {name!r}: offset {offset}+{nbytes} out of range or misaligned")
         prev_end = offset + nbytes
         dtype = DTYPES[code]
-        raw_size = dtype.itemsize * int(np.prod(shape, dtype=np.uint64))
+        raw_size = dtype.itemsize * math.prod(shape)  # exact: a uint64 product can wrap to 0
         stored = data[offset:offset + nbytes]
         if flags & FLAG_DEFLATE:
             inflated += raw_size
@@ -197,7 +198,7 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
 def _inflate(name: str, stored: memoryview, raw_size: int) -> bytes:
     d = zlib.decompressobj()
     try:
-        out = d.decompress(stored, raw_size)
+        out = d.decompress(stored, max(raw_size, 1))  # max_length 0 would mean unlimited
     except zlib.error as e:
         raise HoloError(f"tensor {name!r}: bad deflate stream ({e})") from None
     if len(out) != raw_size or d.unconsumed_tail or not d.eof:
