@@ -1,0 +1,246 @@
+"""The anchor's HTTP API: model pack, conversation sessions and their holograms.
+
+Every error is JSON `{"error": {"code", "message"}}`. Session endpoints need the session's
+token as `Authorization: Bearer <token>`; the session is looked up first (404), then the
+token is checked (401 when absent, 403 when wrong).
+"""
+
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.anchor import Anchor
+from server.config import Settings
+from server.models import load_model
+from server.sessions import Segment, SessionError, SessionStore
+
+HOLO_MEDIA_TYPE = "application/octet-stream"
+bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes, whatever Content-Length claims.
+
+    The body is read here (at most `limit` bytes are buffered) and replayed to the app, so a
+    chunked or mislabelled upload cannot make an endpoint read more.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await self._reply(scope, receive, send, 400, "bad_request", "invalid Content-Length")
+            if int(declared) > self.limit:
+                return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        await self._reply(scope, receive, send, 413, "body_too_large",
+                          f"the request body exceeds the limit of {self.limit} bytes")
+
+    @staticmethod
+    async def _reply(scope, receive, send, status, code, message):
+        await error_response(status, code, message, {"Connection": "close"})(scope, receive, send)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _holo_response(request: Request, data: bytes, etag: str, cache_control: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    headers = {"ETag": etag, "Cache-Control": cache_control, **(headers or {})}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=HOLO_MEDIA_TYPE, headers=headers)
+
+
+def _segment_response(request: Request, seg: Segment) -> Response:
+    return _holo_response(request, seg.data, seg.etag, "private, no-cache",
+                          {"X-HPI-Start": str(seg.start), "X-HPI-End": str(seg.end)})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
+    return "; ".join(parts) or "invalid request"
+
+
+def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request bodies, sized by the settings."""
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "user", "assistant"]
+        content: str = Field(max_length=settings.max_message_chars)
+
+    Messages = Annotated[list[Message], Field(min_length=1, max_length=settings.max_messages)]
+
+    class CreateSession(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        messages: Messages
+
+    class AppendMessages(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        messages: Messages
+
+    return CreateSession, AppendMessages
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    token: str
+    n_tokens: int
+    hologram_url: str
+    hologram_bytes: int
+
+
+def load_anchor(settings: Settings) -> Anchor:
+    lm = load_model(settings.model, settings.device)
+    res = None
+    if settings.resonator_model and settings.resonator_model != settings.model:
+        res = load_model(settings.resonator_model, settings.device)
+    return Anchor(lm, res, codec=settings.codec)
+
+
+def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
+    CreateSession, AppendMessages = request_models(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        a = anchor or load_anchor(settings)
+        _ = a.basis  # builds the model pack now rather than in the first requests, concurrently
+        app.state.anchor = a
+        app.state.store = SessionStore(a, settings)
+        yield
+
+    app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(SessionError)
+    async def _session_error(request: Request, exc: SessionError):
+        headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def store(request: Request) -> SessionStore:
+        return request.app.state.store
+
+    Store = Annotated[SessionStore, Depends(store)]
+    Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+    def token(creds: HTTPAuthorizationCredentials | None) -> str | None:
+        return creds.credentials if creds else None
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/docs")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models(request: Request):
+        a: Anchor = request.app.state.anchor
+        return {"models": [{
+            "model_key": a.model_key,
+            "anchor_model": a.lm.model_id,
+            "resonator_model": a.res_lm.model_id,
+            "tokenizer_id": a.res_lm.tokenizer_id,
+            "pack_hash": a.pack_hash,
+            "pack_bytes": len(a.pack_bytes),
+            "pack_url": f"/v1/models/{a.model_key}/pack",
+        }]}
+
+    @app.get("/v1/models/{model_key}/pack", response_class=Response,
+             responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}, 304: {}, 404: {}})
+    def model_pack(model_key: str, request: Request):
+        a: Anchor = request.app.state.anchor
+        if model_key != a.model_key:
+            return error_response(404, "unknown_model", f"no model pack {model_key!r}; see /v1/models")
+        # The URL names the pack's content hash, so what it serves never changes.
+        return _holo_response(request, a.pack_bytes, f'"{a.pack_hash}"', "public, max-age=31536000, immutable")
+
+    @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
+    def create_session(body: CreateSession, st: Store):
+        s = st.create([m.model_dump() for m in body.messages])
+        return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
+                              hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data))
+
+    @app.get("/v1/sessions/{session_id}/hologram", response_class=Response,
+             responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}, 304: {}})
+    def hologram(session_id: str, request: Request, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds)) as s:
+            return _segment_response(request, st.full_hologram(s))
+
+    @app.post("/v1/sessions/{session_id}/messages", response_class=Response,
+              responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}})
+    def append_messages(session_id: str, body: AppendMessages, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds)) as s:
+            delta = st.append(s, [m.model_dump() for m in body.messages])
+            return Response(delta.data, media_type=HOLO_MEDIA_TYPE,
+                            headers={"ETag": delta.etag, "X-HPI-Start": str(delta.start),
+                                     "X-HPI-End": str(delta.end)})
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, response_class=Response)
+    def delete_session(session_id: str, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds)) as s:
+            st.delete(s)
+        return Response(status_code=204)
+
+    return app

@@ -1,0 +1,209 @@
+"""Conversation sessions on the anchor: exact KV caches, the holograms sent from them, and limits.
+
+A session grows only at its end: a new turn must render to tokens that extend the ones
+already prefilled, so the anchor prefills just the new tokens and sends a hologram delta
+starting where the last hologram it sent ended.
+
+Capacity errors (too many sessions, KV memory full) are 503: the server is busy, the
+request itself is fine and may succeed once other sessions are deleted. A request that
+can never succeed because of its own size (prompt over the token limit) is 413.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from protocol.holo import content_hash
+from server.anchor import Anchor, Caches
+from server.config import Settings
+
+
+class SessionError(Exception):
+    """An error the HTTP layer answers with `status` and a machine-readable `code`."""
+    status = 500
+    code = "session_error"
+
+
+class SessionNotFound(SessionError):
+    status, code = 404, "session_not_found"
+
+
+class Unauthorized(SessionError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(SessionError):
+    status, code = 403, "forbidden"
+
+
+class PromptTooLong(SessionError):
+    status, code = 413, "prompt_too_long"
+
+
+class PrefixMismatch(SessionError):
+    status, code = 409, "prefix_mismatch"
+
+
+class TooManySessions(SessionError):
+    status, code = 503, "too_many_sessions"
+
+
+class KVMemoryFull(SessionError):
+    status, code = 503, "kv_memory_full"
+
+
+@dataclass
+class Segment:
+    """A `.holo` hologram of KV positions [start, end)."""
+    data: bytes
+    start: int
+    end: int
+
+    @cached_property
+    def etag(self) -> str:
+        return f'"{content_hash(self.data)}"'
+
+
+@dataclass
+class Session:
+    id: str
+    token: str
+    caches: Caches = field(default_factory=Caches)
+    messages: list[dict] = field(default_factory=list)
+    holo_end: int = 0  # end of the last hologram sent: the next delta starts here
+    reserved_tokens: int = 0  # KV budget held in the store, >= len(caches.ids)
+    full: Segment | None = None  # the full hologram of the current caches, built once
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.caches.ids)
+
+
+class SessionStore:
+    def __init__(self, anchor: Anchor, settings: Settings):
+        self.anchor = anchor
+        self.settings = settings
+        self.kv_bytes_per_token = anchor.kv_bytes_per_token()
+        self._sessions: dict[str, Session] = {}
+        self._kv_tokens = 0
+        self._lock = threading.Lock()  # guards _sessions and _kv_tokens; taken after a session lock
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv_tokens * self.kv_bytes_per_token
+
+    def create(self, messages: list[dict]) -> Session:
+        ids = self.anchor.lm.chat_ids(messages)
+        self._check_prompt(len(ids), "the prompt")
+        session = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), messages=list(messages))
+        with self._lock:
+            if len(self._sessions) >= self.settings.max_sessions:
+                raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions; "
+                                      "retry after other sessions are deleted")
+            self._reserve(session, len(ids))
+            self._sessions[session.id] = session
+        # No lock needed: nobody else can reach the session before its token is returned.
+        try:
+            self.anchor.prefill(session.caches, ids)
+            session.full = self._build(session, 0)
+        except Exception:
+            self.delete(session)
+            raise
+        return session
+
+    def get(self, session_id: str, token: str | None) -> Session:
+        """The session, if it exists (404) and `token` is its token (401 when absent, 403 when wrong)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        if not token:
+            raise Unauthorized("this endpoint needs `Authorization: Bearer <session token>`")
+        if not hmac.compare_digest(token.encode(), session.token.encode()):
+            raise Forbidden("the token does not belong to this session")
+        return session
+
+    @contextmanager
+    def use(self, session_id: str, token: str | None) -> Iterator[Session]:
+        """Hold the session's lock: one request at a time changes or reads its caches."""
+        session = self.get(session_id, token)
+        with session.lock:
+            if session.closed:
+                raise SessionNotFound(f"session {session_id!r} was deleted")
+            session.last_used = time.time()
+            yield session
+
+    def full_hologram(self, session: Session) -> Segment:
+        """The hologram of the whole conversation; later deltas start at its end."""
+        if session.full is None:
+            session.full = self._build(session, 0)
+        session.holo_end = session.full.end
+        return session.full
+
+    def append(self, session: Session, messages: list[dict]) -> Segment:
+        """Prefill the tokens `messages` add to the conversation; return the hologram delta."""
+        old = session.caches.ids
+        ids = self.anchor.lm.chat_ids(session.messages + list(messages))
+        if len(ids) <= len(old) or ids[:len(old)] != old:
+            at = next((i for i, (a, b) in enumerate(zip(old, ids)) if a != b), min(len(old), len(ids)))
+            raise PrefixMismatch(
+                f"the conversation with these messages does not extend the session's {len(old)} tokens "
+                f"(they differ from token {at}); append the assistant's reply before a new user turn, "
+                "exactly as generated")
+        self._check_prompt(len(ids), "the conversation")
+        with self._lock:
+            self._reserve(session, len(ids))
+        try:
+            self.anchor.prefill(session.caches, ids[len(old):])
+        except Exception:
+            # A failed prefill may have extended some layers and not others: the state is lost.
+            self.delete(session)
+            raise
+        session.messages.extend(messages)
+        session.full = None
+        delta = self._build(session, session.holo_end)
+        session.holo_end = delta.end
+        return delta
+
+    def _build(self, session: Session, start: int) -> Segment:
+        data = self.anchor.hologram_bytes(session.caches, start)
+        return Segment(data, start, session.n_tokens - 1)
+
+    def _check_prompt(self, n: int, what: str) -> None:
+        limit = self.settings.max_prompt_tokens
+        if n > limit:
+            raise PromptTooLong(f"{what} is {n} tokens; the limit per session is {limit}")
+
+    def _reserve(self, session: Session, n_tokens: int) -> None:
+        extra = n_tokens - session.reserved_tokens
+        need = (self._kv_tokens + extra) * self.kv_bytes_per_token
+        if need > self.settings.max_kv_bytes:
+            raise KVMemoryFull(f"{n_tokens} tokens need {extra * self.kv_bytes_per_token} more bytes of KV "
+                               f"memory; {self.kv_bytes} of {self.settings.max_kv_bytes} bytes are in use; "
+                               "retry after other sessions are deleted")
+        self._kv_tokens += extra
+        session.reserved_tokens = n_tokens
+
+    def delete(self, session: Session) -> None:
+        """Free the session's caches; callers outside this class hold its lock (see `use`)."""
+        session.closed = True
+        session.caches = Caches()
+        session.full = None
+        with self._lock:
+            if self._sessions.pop(session.id, None) is session:
+                self._kv_tokens -= session.reserved_tokens
+            session.reserved_tokens = 0
