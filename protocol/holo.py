@@ -139,7 +139,8 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
     if data_start > body_end:
         raise HoloError("metadata and directory run past the end of the file")
     try:
-        meta = json.loads(bytes(data[HEADER.size:HEADER.size + meta_len]).decode())
+        meta = json.loads(bytes(data[HEADER.size:HEADER.size + meta_len]).decode(),
+                          parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # also huge ints and deep nesting
         raise HoloError(f"metadata is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -195,12 +196,17 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
     return Holo(KIND_NAMES[kind], meta, tensors)
 
 
+def _reject_constant(token: str):
+    # JSON has no NaN/Infinity; JSON.parse in the browser rejects them, so this reader does too.
+    raise ValueError(f"{token} is not JSON")
+
+
 def _inflate(name: str, stored: memoryview, raw_size: int) -> bytes:
     d = zlib.decompressobj()
     try:
         out = d.decompress(stored, max(raw_size, 1))  # max_length 0 would mean unlimited
     except zlib.error as e:
         raise HoloError(f"tensor {name!r}: bad deflate stream ({e})") from None
-    if len(out) != raw_size or d.unconsumed_tail or not d.eof:
+    if len(out) != raw_size or d.unconsumed_tail or d.unused_data or not d.eof:
         raise HoloError(f"tensor {name!r}: deflate stream does not inflate to {raw_size} bytes")
     return out

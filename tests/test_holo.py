@@ -188,11 +188,24 @@ def file_with_meta(meta: bytes) -> bytes:
     return reseal(body + bytes(CHECKSUM_LEN))
 
 
-@pytest.mark.parametrize("meta", [b"[" * 100_000, b'{"n":' + b"9" * 5000 + b"}"],
-                         ids=["deep", "huge_int"])
+@pytest.mark.parametrize("meta", [b"[" * 100_000, b'{"n":' + b"9" * 5000 + b"}", b'{"x":NaN}',
+                                  b'{"x":-Infinity}'], ids=["deep", "huge_int", "nan", "infinity"])
 def test_metadata_that_python_json_cannot_parse_is_a_holo_error(meta):
     with pytest.raises(HoloError, match="metadata is not valid JSON"):
         load_hologram(file_with_meta(meta))
+
+
+def test_bytes_after_the_deflate_stream_are_rejected():
+    holo = Holo("conversation", {}, {"a": np.arange(64, dtype="u1")})
+    data = save_hologram(holo, {"a"})
+    stream = zlib.compress(np.arange(64, dtype="u1").tobytes(), 9)
+    at = data.index(stream)
+    # Grow the payload by one trailing byte inside the same aligned slot, and say so in nbytes.
+    grown = data[:at + len(stream)] + b"\x00" + data[at + len(stream) + 1:]
+    entry = data.index(struct.pack("<QQ", at, len(stream)))
+    grown = grown[:entry] + struct.pack("<QQ", at, len(stream) + 1) + grown[entry + 16:]
+    with pytest.raises(HoloError, match="deflate stream does not inflate"):
+        load_hologram(reseal(grown))
 
 
 def test_inflate_limit_counts_all_deflated_tensors():
