@@ -8,14 +8,17 @@ prompt token is left for the resonator's first decode step, which yields the fir
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from protocol.holo import content_hash
-from server import hologram, pack
+from protocol.holo import HoloError, content_hash, load_hologram
+from server import hologram, pack, spectral
 from server.models import LoadedModel, check_same_tokenizer
 from server.spectral import PRESETS, CodecParams
 
@@ -29,14 +32,18 @@ class Caches:
 
 
 class Anchor:
-    def __init__(self, lm: LoadedModel, resonator_lm: LoadedModel | None = None, codec: str = "default"):
-        if codec not in PRESETS:
+    def __init__(self, lm: LoadedModel, resonator_lm: LoadedModel | None = None,
+                 codec: str | CodecParams = "default", calibration_tokens: int = 4096,
+                 pack_cache: Path | None = None):
+        if isinstance(codec, str) and codec not in PRESETS:
             raise ValueError(f"unknown codec preset {codec!r}; known: {', '.join(PRESETS)}")
         self.lm = lm
         self.res_lm = resonator_lm or lm
         if self.res_lm is not lm:
             check_same_tokenizer(lm, self.res_lm)
-        self.codec: CodecParams = PRESETS[codec]
+        self.codec: CodecParams = PRESETS[codec] if isinstance(codec, str) else codec
+        self.calibration_tokens = calibration_tokens
+        self.pack_cache = pack_cache
 
     @property
     def model_key(self) -> str:
@@ -45,7 +52,25 @@ class Anchor:
 
     @cached_property
     def pack_bytes(self) -> bytes:
-        return pack.build_pack(self.res_lm)
+        """The resonator's model pack, reused from `pack_cache` when this code built it before."""
+        if self.pack_cache is None:
+            return pack.build_pack(self.res_lm, self.calibration_tokens)
+        # Calibration costs a minute of CPU; the key changes with the model and the pack code.
+        code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (pack, spectral))).hexdigest()
+        path = self.pack_cache / f"pack-{self.res_lm.model_id}-{self.calibration_tokens}-{code[:16]}.holo"
+        if path.is_file():
+            try:
+                data = path.read_bytes()
+                load_hologram(data)
+                return data
+            except (OSError, HoloError):
+                pass  # rebuilt below
+        data = pack.build_pack(self.res_lm, self.calibration_tokens)
+        self.pack_cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return data
 
     @cached_property
     def pack_hash(self) -> str:

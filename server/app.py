@@ -142,7 +142,7 @@ def load_anchor(settings: Settings) -> Anchor:
     res = None
     if settings.resonator_model and settings.resonator_model != settings.model:
         res = load_model(settings.resonator_model, settings.device)
-    return Anchor(lm, res, codec=settings.codec)
+    return Anchor(lm, res, **settings.anchor_options())
 
 
 def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:

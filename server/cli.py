@@ -100,7 +100,7 @@ def cmd_holo_build(args: argparse.Namespace) -> None:
     settings = settings_from(args, "model", "codec")
     check_codec(settings.codec)
     lm = load_lm(settings.model, settings.device)
-    anchor = Anchor(lm, codec=settings.codec)
+    anchor = Anchor(lm, **settings.anchor_options())
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     caches = Caches()
@@ -119,7 +119,7 @@ def cmd_pack_build(args: argparse.Namespace) -> None:
     from server.anchor import Anchor
 
     settings = settings_from(args, "model")
-    anchor = Anchor(load_lm(settings.model, settings.device))
+    anchor = Anchor(load_lm(settings.model, settings.device), **settings.anchor_options())
     Path(args.out).write_bytes(anchor.pack_bytes)
     print(f"wrote {args.out}: {len(anchor.pack_bytes)} bytes, model_key {anchor.model_key}, "
           f"sha256 {anchor.pack_hash}")

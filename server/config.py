@@ -29,3 +29,11 @@ class Settings(BaseSettings):
 
     codec: str = Field("default", description="codec preset name (server/spectral.py PRESETS)")
     calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")
+    data_dir: str = Field("~/.cache/hpi", description="built model packs (and later, persisted transcripts)")
+
+    def anchor_options(self) -> dict:
+        """Keyword arguments for server.anchor.Anchor."""
+        from pathlib import Path
+
+        return {"codec": self.codec, "calibration_tokens": self.calibration_tokens,
+                "pack_cache": Path(self.data_dir).expanduser() / "packs"}

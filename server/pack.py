@@ -10,7 +10,7 @@ Layout of every tensor: protocol/SPEC.md, "Model pack".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from server.spectral import Basis, calibrate
 BLOCK = 32  # weights per quantization block (GGUF Q4_1 / Q8_0)
 FORMAT = "hpi.model_pack/1"
 LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+BASIS_PARTS = [f.name for f in fields(Basis)]
 GGUF_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 
@@ -85,7 +86,7 @@ def _gguf_planes(t) -> tuple[str, dict[str, np.ndarray]]:
 def _unpermute_rows(planes: dict[str, np.ndarray], n_heads: int) -> dict[str, np.ndarray]:
     """llama.cpp stores q/k rows interleaved per head for its RoPE; restore the HF order."""
     rows = planes[next(iter(planes))].shape[0]
-    perm = np.arange(rows).reshape(n_heads, 2, rows // n_heads // 2).swapaxes(1, 2).reshape(-1)
+    perm = np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
     return {k: v[perm] for k, v in planes.items()}
 
 
@@ -158,9 +159,35 @@ def calibration_text() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def _key_metric(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """E[q q^T] per KV group from pre-RoPE queries q [N, H, Dh], as a diagonal [G, Dh, Dh].
+
+    A key at distance d from its query meets it rotated by d * inv_freq per dimension pair,
+    so over many distances the cross terms average out and each pair sees the mean energy
+    of its two dimensions.
+    """
+    n, H, Dh = q.shape
+    e = q.double().pow(2).mean(0).view(n_kv, H // n_kv, Dh).sum(1)  # [G, Dh]
+    e = (e + e.roll(Dh // 2, dims=-1)) / 2
+    return torch.diag_embed(e)
+
+
+def _value_metric(wo: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """W_o^T W_o per KV group [G, Dh, Dh]: how a value error reaches the residual stream."""
+    dm = wo.shape[0]
+    per_head = wo.double().view(dm, n_heads, -1).permute(1, 2, 0)  # [H, Dh, Dm]
+    m = per_head @ per_head.transpose(1, 2)  # [H, Dh, Dh]
+    return m.view(n_kv, n_heads // n_kv, *m.shape[1:]).sum(1)
+
+
 @torch.no_grad()
-def calibrate_model(lm: LoadedModel, n_tokens: int = 4096, chunk: int = 512) -> CodecBasis:
-    """PCA bases of the model's pre-RoPE keys and values over chat-formatted calibration chunks."""
+def calibrate_model(lm: LoadedModel, n_tokens: int = 4096, chunk: int = 512, weighted: bool = True,
+                    floor: float = 0.05) -> CodecBasis:
+    """Codec bases of the model's pre-RoPE keys and values over chat-formatted calibration chunks.
+
+    `weighted` measures errors by their effect on the model (server/spectral.py); without
+    it the bases are plain PCA, as in published KV transform codecs.
+    """
     from transformers import DynamicCache
 
     ids: list[int] = []
@@ -169,16 +196,30 @@ def calibrate_model(lm: LoadedModel, n_tokens: int = 4096, chunk: int = 512) -> 
             break
         ids += lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     w = weights_from_hf(lm.model)
+    layers = lm.model.model.layers
+    queries: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: queries[i].append(out[0].float().cpu())) for i, layer in enumerate(layers)]
     keys, values = [], []
-    for i in range(0, n_tokens, chunk):
-        body = lm.tokenizer.decode(ids[i:i + chunk])
-        chat = lm.chat_ids([{"role": "user", "content": body}])[:chunk]
-        cache = DynamicCache(config=lm.config)
-        lm.model(input_ids=torch.tensor([chat], device=lm.model.device), cache=cache, use_cache=True)
-        cos, sin = rope_tables(torch.arange(len(chat)), w.inv_freq)
-        keys.append(torch.stack([unrotate(layer.keys[0].float().cpu(), cos, sin) for layer in cache.layers]))
-        values.append(torch.stack([layer.values[0].float().cpu() for layer in cache.layers]))
-    return CodecBasis(calibrate(torch.cat(keys, dim=2)), calibrate(torch.cat(values, dim=2)), w.inv_freq)
+    try:
+        for i in range(0, n_tokens, chunk):
+            body = lm.tokenizer.decode(ids[i:i + chunk])
+            chat = lm.chat_ids([{"role": "user", "content": body}])[:chunk]
+            cache = DynamicCache(config=lm.config)
+            lm.model(input_ids=torch.tensor([chat], device=lm.model.device), cache=cache, use_cache=True)
+            cos, sin = rope_tables(torch.arange(len(chat)), w.inv_freq)
+            keys.append(torch.stack([unrotate(layer.keys[0].float().cpu(), cos, sin) for layer in cache.layers]))
+            values.append(torch.stack([layer.values[0].float().cpu() for layer in cache.layers]))
+    finally:
+        for h in hooks:
+            h.remove()
+    key_metric = value_metric = None
+    if weighted:
+        key_metric = torch.stack([_key_metric(torch.cat(q).view(-1, w.n_heads, w.head_dim), w.n_kv_heads)
+                                  for q in queries])
+        value_metric = torch.stack([_value_metric(lw.wo, w.n_heads, w.n_kv_heads) for lw in w.layers])
+    return CodecBasis(calibrate(torch.cat(keys, dim=2), key_metric, floor),
+                      calibrate(torch.cat(values, dim=2), value_metric, floor), w.inv_freq)
 
 
 # ---- the pack -----------------------------------------------------------------------------
@@ -199,8 +240,8 @@ def build_pack(lm: LoadedModel, calibration_tokens: int = 4096) -> bytes:
     tensors["rope.inv_freq"] = w.inv_freq.numpy()
     basis = calibrate_model(lm, calibration_tokens)
     for kind, b in (("k", basis.keys), ("v", basis.values)):
-        tensors[f"codec.{kind}.mean"] = b.mean.numpy()
-        tensors[f"codec.{kind}.basis"] = b.basis.numpy()
+        for part in BASIS_PARTS:
+            tensors[f"codec.{kind}.{part}"] = getattr(b, part).numpy()
     tensors["vocab.bytes"], tensors["vocab.offsets"] = vocab_bytes(lm.tokenizer)
     meta = {
         "format": FORMAT,
@@ -229,8 +270,8 @@ def basis_from_pack(data: bytes | Holo) -> CodecBasis:
     holo = data if isinstance(data, Holo) else load_hologram(data)
     _check_pack(holo)
     t = lambda name: torch.from_numpy(np.array(holo.tensors[name]))  # noqa: E731
-    return CodecBasis(Basis(t("codec.k.mean"), t("codec.k.basis")),
-                      Basis(t("codec.v.mean"), t("codec.v.basis")), t("rope.inv_freq"))
+    return CodecBasis(*(Basis(*(t(f"codec.{kind}.{part}") for part in BASIS_PARTS)) for kind in "kv"),
+                      t("rope.inv_freq"))
 
 
 def weights_from_pack(holo: Holo) -> LlamaWeights:

@@ -6,20 +6,26 @@ Per layer and KV head, a segment of T tokens splits into
   middle the rest, coded in a spectral basis.
 Keys in the middle are un-rotated to pre-RoPE first, so tokens at different positions
 share one basis (RoPE spins each pair of dimensions at its own rate and would smear any
-fixed basis). Each middle block X [M, Dh] is centred, projected on an orthonormal basis
-B [Dh, Dh] whose columns are ordered by energy, and the coefficients are quantized with
-one uniform step for the whole block. With entropy coding (DEFLATE over the int8 codes)
-a common step is close to the rate-distortion optimum for Gaussian sources (reverse
+fixed basis).
+
+Errors are measured where they matter, not in raw K/V units: a key error e moves the
+attention logits by q.e, a value error moves the head's output by W_o.e. Calibration
+(server/pack.py) gives per layer and head a metric M (E[q q^T] for keys, W_o^T W_o for
+values) and the codec works in the whitened space x_w = (x - mean) @ M^(1/2), where plain
+squared error is the error that reaches the model. There each middle block [M, Dh] is
+projected on an orthonormal basis ordered by energy and the coefficients are quantized
+with one uniform step for the block. With entropy coding (DEFLATE over the int8 codes) a
+common step is close to the rate-distortion optimum for Gaussian sources (reverse
 water-filling): low-energy components round to zero and cost almost nothing, so the
 retained rank falls out of the spectrum instead of being fixed. Trailing all-zero
 components are dropped; that count is the block's rank (capped by `max_rank`).
 
 Three bases compete per block and the smallest estimated size wins (same step, so about
 the same error):
-  pca  calibrated once per model (server/pack.py) and shipped in the model pack, so the
-       hologram carries only coefficients;
+  pca  calibrated once per model and shipped in the model pack, so the hologram carries
+       only coefficients;
   svd  the block's own truncated SVD; its factors (mean + rank x Dh) travel as fp16;
-  raw  the identity: plain quantized rows, for blocks no basis helps.
+  raw  the identity: plain quantized (whitened) rows, for blocks no basis helps.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ BASES = ("raw", "pca", "svd")  # index = the basis code stored per block
 class CodecParams:
     sink: int = 4  # exact tokens at the start of the conversation
     recent: int = 32  # exact newest tokens of each segment
-    key_step: float = 0.25  # quantization step for keys, relative to the block's RMS deviation
+    key_step: float = 0.25  # quantization step for keys, relative to the block's whitened RMS
     value_step: float = 0.25
     max_rank: int = 1 << 16
     bases: tuple[str, ...] = BASES
@@ -62,19 +68,35 @@ PRESETS: dict[str, CodecParams] = {
 
 @dataclass
 class Basis:
-    """Calibrated bases of one kind (keys or values): mean [L, G, Dh], basis [L, G, Dh, Dh]."""
-    mean: torch.Tensor
-    basis: torch.Tensor  # columns are components, by decreasing calibration variance
+    """Calibration of one kind (keys or values), per layer and KV head."""
+    mean: torch.Tensor  # [L, G, Dh]
+    whiten: torch.Tensor  # [L, G, Dh, Dh]  M^(1/2)
+    unwhiten: torch.Tensor  # [L, G, Dh, Dh]  its inverse
+    pca: torch.Tensor  # [L, G, Dh, Dh]  columns: whitened components by decreasing variance
 
 
-def calibrate(x: torch.Tensor) -> Basis:
-    """PCA per layer and head of calibration vectors x [L, G, N, Dh] (keys pre-RoPE)."""
+def calibrate(x: torch.Tensor, metric: torch.Tensor | None = None, floor: float = 0.05) -> Basis:
+    """Bases from calibration vectors x [L, G, N, Dh] (keys pre-RoPE) and a metric [L, G, Dh, Dh].
+
+    The metric's eigenvalues are floored at `floor` times their mean: it is an average
+    over calibration text, and a direction it calls unread must not get errors amplified
+    without bound when some query does read it.
+    """
     x = x.double()
+    L, G, _, Dh = x.shape
+    if metric is None:
+        metric = torch.eye(Dh, dtype=torch.float64).expand(L, G, Dh, Dh)
+    m = metric.double()
+    m = m / (m.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None])  # scale is irrelevant
+    ev, U = torch.linalg.eigh(m)
+    ev = ev.clamp_min(floor)
+    whiten = U @ torch.diag_embed(ev.sqrt()) @ U.transpose(-1, -2)
+    unwhiten = U @ torch.diag_embed(ev.rsqrt()) @ U.transpose(-1, -2)
     mean = x.mean(dim=2)  # [L, G, Dh]
-    xc = x - mean[:, :, None]
-    cov = xc.transpose(-1, -2) @ xc / x.shape[2]  # [L, G, Dh, Dh]
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    return Basis(mean.float(), evecs.flip(-1).float())
+    xw = (x - mean[:, :, None]) @ whiten
+    cov = xw.transpose(-1, -2) @ xw / x.shape[2]  # [L, G, Dh, Dh]
+    _, evecs = torch.linalg.eigh(cov)  # ascending
+    return Basis(mean.float(), whiten.float(), unwhiten.float(), evecs.flip(-1).float())
 
 
 @dataclass
@@ -86,8 +108,7 @@ class Encoded:
     rank: np.ndarray  # u16 [L, G]
     step: np.ndarray  # f32 [L, G]
     basis: np.ndarray  # u8 [L, G], index into BASES
-    svd_mean: np.ndarray  # f16 [n_svd_blocks, Dh]
-    svd_vt: np.ndarray  # f16 [sum of rank over svd blocks, Dh]
+    svd_vt: np.ndarray  # f16 [sum of rank over svd blocks, Dh]  (whitened space)
 
 
 def split(start: int, T: int, p: CodecParams) -> tuple[int, int]:
@@ -115,44 +136,41 @@ def _quantize(c: torch.Tensor, step: float, max_rank: int) -> torch.Tensor:
     return q[:r]
 
 
-def encode_block(x: torch.Tensor, rel_step: float, pca_mean: torch.Tensor, pca_basis: torch.Tensor,
-                 p: CodecParams) -> tuple[int, float, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Code one middle block x [M, Dh]: (basis code, step, codes [r, M], svd mean, svd vt)."""
-    dh = x.shape[1]
-    dev = x - x.mean(0)
-    step = rel_step * float(dev.pow(2).mean().sqrt()) or 1.0
+def encode_block(xw: torch.Tensor, rel_step: float, pca: torch.Tensor,
+                 p: CodecParams) -> tuple[int, float, torch.Tensor, torch.Tensor | None]:
+    """Code one whitened middle block xw [M, Dh]: (basis code, step, codes [r, M], svd vt [r, Dh])."""
+    # An orthonormal basis never yields a coefficient above the row's norm, so this step
+    # keeps every code inside int8 whatever basis wins.
+    step = max(rel_step * float(xw.pow(2).mean().sqrt()), float(xw.norm(dim=1).max()) / 127) or 1.0
     best = None
     for name in p.bases:
-        extra_bits = 0.0
-        mean, vt = None, None
+        vt, extra_bits = None, 0.0
         if name == "raw":
-            codes = _quantize(x - pca_mean, step, p.max_rank)
+            codes = _quantize(xw, step, p.max_rank)
         elif name == "pca":
-            codes = _quantize((x - pca_mean) @ pca_basis, step, p.max_rank)
+            codes = _quantize(xw @ pca, step, p.max_rank)
         else:
-            mean = x.mean(0).half().float()
-            _, _, vt_full = torch.linalg.svd(x - mean, full_matrices=False)  # [Dh, Dh]
-            codes = _quantize((x - mean) @ vt_full.half().float().T, step, p.max_rank)
-            vt = vt_full[:codes.shape[0]]
-            extra_bits = 16.0 * dh * (1 + codes.shape[0])
+            vt = torch.linalg.svd(xw, full_matrices=False)[2].half().float()  # [Dh, Dh], as stored
+            codes = _quantize(xw @ vt.T, step, p.max_rank)
+            vt = vt[:codes.shape[0]]
+            extra_bits = 16.0 * vt.numel()
         bits = _code_bits(codes) + extra_bits
         if best is None or bits < best[0]:
-            best = (bits, BASES.index(name), codes, mean, vt)
-    _, code, codes, mean, vt = best
-    return code, step, codes, mean, vt
+            best = (bits, BASES.index(name), codes, vt)
+    _, code, codes, vt = best
+    return code, step, codes, vt
 
 
-def _reconstruct(code: int, step: float, codes: torch.Tensor, pca_mean: torch.Tensor,
-                 pca_basis: torch.Tensor, svd_mean: torch.Tensor | None, svd_vt: torch.Tensor | None) -> torch.Tensor:
-    """Middle block [M, Dh] from its codes [r, M]."""
+def _reconstruct(code: int, step: float, codes: torch.Tensor, pca: torch.Tensor,
+                 svd_vt: torch.Tensor | None) -> torch.Tensor:
+    """Whitened middle block [M, Dh] from its codes [r, M]."""
     c = codes.float().T * step  # [M, r]
     r = c.shape[1]
     if BASES[code] == "raw":
-        dh = pca_mean.shape[0]
-        return torch.nn.functional.pad(c, (0, dh - r)) + pca_mean
+        return torch.nn.functional.pad(c, (0, pca.shape[0] - r))
     if BASES[code] == "pca":
-        return c @ pca_basis[:, :r].T + pca_mean
-    return c @ svd_vt + svd_mean
+        return c @ pca[:, :r].T
+    return c @ svd_vt
 
 
 def encode(x: torch.Tensor, start: int, is_key: bool, basis: Basis, inv_freq: torch.Tensor,
@@ -164,25 +182,24 @@ def encode(x: torch.Tensor, start: int, is_key: bool, basis: Basis, inv_freq: to
     if is_key:
         cos, sin = rope_tables(torch.arange(start + s, start + T - t), inv_freq)
         mid = unrotate(mid, cos, sin)
-    codes, ranks, steps, kinds, svd_means, svd_vts = [], np.zeros((L, G), np.uint16), \
-        np.zeros((L, G), np.float32), np.zeros((L, G), np.uint8), [], []
+    xw = (mid - basis.mean[:, :, None]) @ basis.whiten  # [L, G, M, Dh]
+    codes, vts = [], []
+    ranks, steps = np.zeros((L, G), np.uint16), np.zeros((L, G), np.float32)
+    kinds = np.zeros((L, G), np.uint8)
     rel = p.key_step if is_key else p.value_step
     for layer in range(L):
         for g in range(G):
-            if mid.shape[2] == 0:
+            if xw.shape[2] == 0:
                 continue
-            code, step, c, mean, vt = encode_block(mid[layer, g], rel, basis.mean[layer, g],
-                                                   basis.basis[layer, g], p)
+            code, step, c, vt = encode_block(xw[layer, g], rel, basis.pca[layer, g], p)
             codes.append(c.flatten())
             ranks[layer, g], steps[layer, g], kinds[layer, g] = c.shape[0], step, code
-            if mean is not None:
-                svd_means.append(mean)
-                svd_vts.append(vt)
-    f16 = lambda ts, w: (torch.cat(ts) if ts else torch.zeros(0, w)).half().numpy()  # noqa: E731
+            if vt is not None:
+                vts.append(vt)
     return Encoded(head=x[:, :, :s].half().numpy(), tail=x[:, :, T - t:].half().numpy(),
                    codes=(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int8)).numpy(),
                    rank=ranks, step=steps, basis=kinds,
-                   svd_mean=f16([m[None] for m in svd_means], Dh), svd_vt=f16(svd_vts, Dh))
+                   svd_vt=(torch.cat(vts) if vts else torch.zeros(0, Dh)).half().numpy())
 
 
 def decode(e: Encoded, start: int, T: int, is_key: bool, basis: Basis, inv_freq: torch.Tensor,
@@ -192,26 +209,23 @@ def decode(e: Encoded, start: int, T: int, is_key: bool, basis: Basis, inv_freq:
     Dh = basis.mean.shape[-1]
     s, t = split(start, T, p)
     m = T - s - t
-    mid = torch.zeros(L, G, m, Dh)
-    t = lambda a: torch.from_numpy(np.array(a)).float()  # noqa: E731  (copy: loaded arrays are read-only)
-    codes = torch.from_numpy(np.array(e.codes))
-    svd_mean, svd_vt = t(e.svd_mean), t(e.svd_vt)
-    off = n_svd = svd_row = 0
+    xw = torch.zeros(L, G, m, Dh)
+    f32 = lambda a: torch.from_numpy(np.array(a)).float()  # noqa: E731  (copy: loaded arrays are read-only)
+    codes, svd_vt = torch.from_numpy(np.array(e.codes)), f32(e.svd_vt)
+    off = svd_row = 0
     for layer in range(L):
         for g in range(G):
             if m == 0:
                 continue
-            r = int(e.rank[layer, g])
+            r, code = int(e.rank[layer, g]), int(e.basis[layer, g])
             block = codes[off:off + r * m].view(r, m)
             off += r * m
-            code = int(e.basis[layer, g])
-            mean = vt = None
+            vt = None
             if BASES[code] == "svd":
-                mean, vt = svd_mean[n_svd], svd_vt[svd_row:svd_row + r]
-                n_svd, svd_row = n_svd + 1, svd_row + r
-            mid[layer, g] = _reconstruct(code, float(e.step[layer, g]), block, basis.mean[layer, g],
-                                         basis.basis[layer, g], mean, vt)
+                vt, svd_row = svd_vt[svd_row:svd_row + r], svd_row + r
+            xw[layer, g] = _reconstruct(code, float(e.step[layer, g]), block, basis.pca[layer, g], vt)
+    mid = xw @ basis.unwhiten + basis.mean[:, :, None]
     if is_key:
         cos, sin = rope_tables(torch.arange(start + s, start + T - t), inv_freq)
         mid = rotate(mid, cos, sin)
-    return torch.cat([t(e.head), mid, t(e.tail)], dim=2)
+    return torch.cat([f32(e.head), mid, f32(e.tail)], dim=2)

@@ -1,0 +1,65 @@
+"""The reference resonator: decode from a model pack and conversation holograms alone.
+
+No transformers model is involved: weights come from the pack, the past from holograms.
+It is the oracle the browser's WGSL engine is tested against, and the fidelity tool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protocol.holo import Holo, content_hash, load_hologram
+from server import hologram
+from server.llama import KV, forward
+from server.pack import basis_from_pack, weights_from_pack
+from server.sampling import choose
+
+
+class Resonator:
+    def __init__(self, pack_data: bytes):
+        holo = load_hologram(pack_data)
+        self.pack_hash = content_hash(pack_data)
+        self.meta = holo.meta
+        self.weights = weights_from_pack(holo)
+        self.basis = basis_from_pack(holo)
+        self.past: list[KV] | None = None  # per layer [G, P, Dh]
+        self.position = 0  # number of positions in `past`
+        self.next_id: int | None = None  # the token to feed at `position`
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.meta["eos_ids"]
+
+    def add_hologram(self, data: bytes | Holo) -> None:
+        """Append a hologram segment; it must start where the state ends."""
+        seg = hologram.read(data, self.basis, self.pack_hash)
+        if seg.start != self.position:
+            raise ValueError(f"hologram starts at {seg.start}, the resonator is at {self.position}")
+        layers = list(zip(seg.keys, seg.values))
+        self.past = layers if self.past is None else [
+            (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self.past, layers)]
+        self.position = seg.end
+        self.next_id = seg.meta["next_id"]
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed `token` at the current position; return the logits [V] for the next one."""
+        logits, new = forward(self.weights, torch.tensor([token]), torch.tensor([self.position]), self.past)
+        self.past = new if self.past is None else [
+            (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self.past, new)]
+        self.position += 1
+        return logits[0]
+
+    def generate(self, max_new: int, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> list[int]:
+        """Decode up to `max_new` tokens after the holograms; token i is chosen for position P + i."""
+        if self.next_id is None:
+            raise ValueError("no hologram loaded")
+        out: list[int] = []
+        token = self.next_id
+        for _ in range(max_new):
+            logits = self.step(token)
+            token = choose(logits.numpy(), temperature, seed, self.position)
+            out.append(token)
+            if stop_at_eos and token in self.eos_ids:
+                break
+        self.next_id = token
+        return out
