@@ -1,4 +1,11 @@
+import os
+from pathlib import Path
+
 import pytest
+
+# Built model packs are cached per model and code version; keep the tests' copies in the
+# work tree (git-ignored), so a second run reuses the real model's pack.
+os.environ.setdefault("HPI_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test-data"))
 
 from tests.tiny_model import build_tiny_llama
 
@@ -20,3 +27,11 @@ def smollm():
     """The real default model (SmolLM2-135M-Instruct, packaged GGUF); loaded once per run."""
     from server.models import load_model
     return load_model("default", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm_anchor(smollm):
+    """An anchor on the real model; its pack is cached where `hpi serve` keeps it."""
+    from server.anchor import Anchor
+    from server.config import Settings
+    return Anchor(smollm, **Settings().anchor_options())

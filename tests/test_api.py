@@ -238,11 +238,11 @@ def test_body_size_limit_413(make_client):
 
 
 @pytest.mark.real_model
-def test_real_model_session(smollm):
-    with TestClient(create_app(Settings(), Anchor(smollm))) as client:
+def test_real_model_session(smollm_anchor):
+    with TestClient(create_app(Settings(), smollm_anchor)) as client:
         body, auth = create(client, [{"role": "user", "content": "Name a colour."}])
         r = client.get(body["hologram_url"], headers=auth)
         assert r.status_code == 200
         meta = load_hologram(r.content).meta
         assert (meta["start"], meta["end"]) == (0, body["n_tokens"] - 1)
-        assert meta["model_id"] == smollm.model_id
+        assert meta["model_id"] == smollm_anchor.res_lm.model_id
