@@ -68,8 +68,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_hologram(holo: Holo, deflate: frozenset[str] | set[str] = frozenset()) -> bytes:
-    """Serialise `holo`; tensors named in `deflate` are stored zlib-compressed."""
+def save_hologram(holo: Holo, deflate: frozenset[str] | set[str] = frozenset(), level: int = 9,
+                  strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
+    """Serialise `holo`; tensors named in `deflate` are stored zlib-compressed.
+
+    `level` and `strategy` go to zlib; any choice yields a standard zlib stream.
+    """
     if holo.kind not in KINDS:
         raise HoloError(f"unknown kind {holo.kind!r}")
     meta = json.dumps(holo.meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
@@ -84,7 +88,8 @@ def save_hologram(holo: Holo, deflate: frozenset[str] | set[str] = frozenset()) 
         raw = arr.astype(dt, copy=False).tobytes()
         flags = 0
         if name in deflate:
-            raw, flags = zlib.compress(raw, 9), FLAG_DEFLATE
+            co = zlib.compressobj(level, strategy=strategy)
+            raw, flags = co.compress(raw) + co.flush(), FLAG_DEFLATE
         encoded = name.encode()
         if not 0 < len(encoded) <= MAX_NAME or arr.ndim > MAX_NDIM:
             raise HoloError(f"tensor {name!r}: bad name length or rank")

@@ -7,6 +7,7 @@ sends only [previous end, new end). Layout: protocol/SPEC.md, "Conversation holo
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -33,7 +34,10 @@ def build(keys: torch.Tensor, values: torch.Tensor, *, start: int, next_id: int,
             "layers": L, "kv_heads": G, "head_dim": Dh,
             "rope": {"inv_freq": "pack:rope.inv_freq", "positions": [start, start + T]},
             "codec": {**params.to_meta(), "basis_codes": list(BASES)}}
-    return save_hologram(Holo("conversation", meta, tensors), deflate={"k.codes", "v.codes"})
+    # Codes are near-independent symbols: LZ77 matching only disturbs the entropy coder, so
+    # Huffman-only DEFLATE is both smaller (11% on SmolLM2 keys) and ~60x faster than level 9.
+    return save_hologram(Holo("conversation", meta, tensors), deflate={"k.codes", "v.codes"},
+                         strategy=zlib.Z_HUFFMAN_ONLY)
 
 
 @dataclass

@@ -117,114 +117,113 @@ def split(start: int, T: int, p: CodecParams) -> tuple[int, int]:
     return s, min(p.recent, T - s)
 
 
-def _code_bits(codes: torch.Tensor) -> float:
-    """Estimated entropy-coded size in bits of codes [r, M] (empirical entropy per component)."""
-    if codes.numel() == 0:
-        return 0.0
-    r, m = codes.shape
-    idx = (codes.long() + 128) + 256 * torch.arange(r)[:, None]
-    counts = torch.bincount(idx.flatten(), minlength=256 * r).view(r, 256).double()
-    p = counts / m
-    return float(-(counts * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum())
+def _quantize(coef: torch.Tensor, step: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [B, Dh, M] of coefficients [B, M, Dh], and each block's rank [B].
+
+    The rank is one past the last component with a nonzero code (capped by max_rank).
+    """
+    q = torch.clamp(torch.round(coef / step[:, None, None]), -127, 127).to(torch.int8).transpose(1, 2)
+    dh = q.shape[1]
+    nonzero = (q != 0).any(dim=2)  # [B, Dh]
+    last = dh - torch.flip(nonzero, dims=[1]).to(torch.int8).argmax(dim=1)
+    rank = torch.where(nonzero.any(dim=1), last, torch.zeros_like(last)).clamp(max=max_rank)
+    return q, rank
 
 
-def _quantize(c: torch.Tensor, step: float, max_rank: int) -> torch.Tensor:
-    """int8 codes [r, M] of coefficients c [M, Dh], trailing all-zero components dropped."""
-    q = torch.clamp(torch.round(c / step), -127, 127).to(torch.int8).T[:max_rank]
-    nonzero = (q != 0).any(dim=1).nonzero()
-    r = int(nonzero[-1]) + 1 if len(nonzero) else 0
-    return q[:r]
+def _code_bits(q: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Estimated entropy-coded bits per block [B] of codes [B, Dh, M] up to each block's rank.
 
-
-def encode_block(xw: torch.Tensor, rel_step: float, pca: torch.Tensor,
-                 p: CodecParams) -> tuple[int, float, torch.Tensor, torch.Tensor | None]:
-    """Code one whitened middle block xw [M, Dh]: (basis code, step, codes [r, M], svd vt [r, Dh])."""
-    # An orthonormal basis never yields a coefficient above the row's norm, so this step
-    # keeps every code inside int8 whatever basis wins.
-    step = max(rel_step * float(xw.pow(2).mean().sqrt()), float(xw.norm(dim=1).max()) / 127) or 1.0
-    best = None
-    for name in p.bases:
-        vt, extra_bits = None, 0.0
-        if name == "raw":
-            codes = _quantize(xw, step, p.max_rank)
-        elif name == "pca":
-            codes = _quantize(xw @ pca, step, p.max_rank)
-        else:
-            vt = torch.linalg.svd(xw, full_matrices=False)[2].half().float()  # [Dh, Dh], as stored
-            codes = _quantize(xw @ vt.T, step, p.max_rank)
-            vt = vt[:codes.shape[0]]
-            extra_bits = 16.0 * vt.numel()
-        bits = _code_bits(codes) + extra_bits
-        if best is None or bits < best[0]:
-            best = (bits, BASES.index(name), codes, vt)
-    _, code, codes, vt = best
-    return code, step, codes, vt
-
-
-def _reconstruct(code: int, step: float, codes: torch.Tensor, pca: torch.Tensor,
-                 svd_vt: torch.Tensor | None) -> torch.Tensor:
-    """Whitened middle block [M, Dh] from its codes [r, M]."""
-    c = codes.float().T * step  # [M, r]
-    r = c.shape[1]
-    if BASES[code] == "raw":
-        return torch.nn.functional.pad(c, (0, pca.shape[0] - r))
-    if BASES[code] == "pca":
-        return c @ pca[:, :r].T
-    return c @ svd_vt
+    Per component, the entropy of a quantized Gaussian of the codes' variance (in steps^2):
+    only the ranking of candidate bases depends on it, and it costs one pass over the codes.
+    """
+    B, dh, m = q.shape
+    var = q.float().var(dim=2, correction=0) if m else torch.zeros(B, dh)
+    bits = 0.5 * torch.log2(2 * torch.pi * torch.e * (var + 1 / 12)) * m  # [B, Dh]
+    return (bits * (torch.arange(dh)[None] < rank[:, None])).sum(-1)
 
 
 def encode(x: torch.Tensor, start: int, is_key: bool, basis: Basis, inv_freq: torch.Tensor,
            p: CodecParams) -> Encoded:
-    """Compress x [L, G, T, Dh] (keys post-RoPE, or values) for positions start..start+T-1."""
+    """Compress x [L, G, T, Dh] (keys post-RoPE, or values) for positions start..start+T-1.
+
+    All L*G blocks are coded at once; per block, the basis with the fewest estimated bits
+    wins (the step is shared, so the error is about the same whichever wins).
+    """
     L, G, T, Dh = x.shape
     s, t = split(start, T, p)
     mid = x[:, :, s:T - t]
     if is_key:
         cos, sin = rope_tables(torch.arange(start + s, start + T - t), inv_freq)
         mid = unrotate(mid, cos, sin)
-    xw = (mid - basis.mean[:, :, None]) @ basis.whiten  # [L, G, M, Dh]
-    codes, vts = [], []
-    ranks, steps = np.zeros((L, G), np.uint16), np.zeros((L, G), np.float32)
-    kinds = np.zeros((L, G), np.uint8)
+    B, M = L * G, mid.shape[2]
+    xw = ((mid - basis.mean[:, :, None]) @ basis.whiten).reshape(B, M, Dh)
     rel = p.key_step if is_key else p.value_step
-    for layer in range(L):
-        for g in range(G):
-            if xw.shape[2] == 0:
-                continue
-            code, step, c, vt = encode_block(xw[layer, g], rel, basis.pca[layer, g], p)
-            codes.append(c.flatten())
-            ranks[layer, g], steps[layer, g], kinds[layer, g] = c.shape[0], step, code
-            if vt is not None:
-                vts.append(vt)
+    # An orthonormal basis never yields a coefficient above the row's norm, so this step
+    # keeps every code inside int8 whatever basis wins.
+    floor = xw.norm(dim=2).amax(dim=1) / 127 if M else torch.zeros(B)
+    step = torch.maximum(rel * xw.pow(2).mean(dim=(1, 2)).sqrt(), floor)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    candidates = {}  # basis code -> (codes, rank, svd rows or None)
+    for name in p.bases if M else ("raw",):  # an empty middle has nothing to choose
+        vt = None
+        if name == "raw":
+            coef = xw
+        elif name == "pca":
+            coef = xw @ basis.pca.reshape(B, Dh, Dh)
+        else:
+            vt = torch.linalg.svd(xw, full_matrices=False)[2].half().float()  # [B, Dh, Dh], as stored
+            coef = xw @ vt.transpose(1, 2)
+        q, rank = _quantize(coef, step, p.max_rank)
+        candidates[BASES.index(name)] = (q, rank, vt)
+    order = sorted(candidates)
+    if len(order) > 1:
+        bits = [_code_bits(q, rank) + (16.0 * Dh * rank if BASES[c] == "svd" else 0.0)
+                for c, (q, rank, _) in ((c, candidates[c]) for c in order)]
+        choice = torch.stack(bits).argmin(dim=0)  # [B] index into order
+    else:
+        choice = torch.zeros(B, dtype=torch.long)
+    codes = torch.zeros(B, Dh, M, dtype=torch.int8)
+    rank = torch.zeros(B, dtype=torch.long)
+    svd_rows = []
+    for i, c in enumerate(order):
+        sel = choice == i
+        codes[sel], rank[sel] = candidates[c][0][sel], candidates[c][1][sel]
+    kinds = torch.tensor(order)[choice]
+    for b in (kinds == BASES.index("svd")).nonzero().flatten().tolist():
+        svd_rows.append(candidates[BASES.index("svd")][2][b, :rank[b]])
+    keep = torch.arange(Dh)[None, :, None] < rank[:, None, None]  # [B, Dh, 1]
     return Encoded(head=x[:, :, :s].half().numpy(), tail=x[:, :, T - t:].half().numpy(),
-                   codes=(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int8)).numpy(),
-                   rank=ranks, step=steps, basis=kinds,
-                   svd_vt=(torch.cat(vts) if vts else torch.zeros(0, Dh)).half().numpy())
+                   codes=codes[keep.expand(B, Dh, M)].numpy(),  # block after block, each [rank, M]
+                   rank=rank.view(L, G).numpy().astype(np.uint16), step=step.view(L, G).numpy().astype(np.float32),
+                   basis=kinds.view(L, G).numpy().astype(np.uint8),
+                   svd_vt=(torch.cat(svd_rows) if svd_rows else torch.zeros(0, Dh)).half().numpy())
 
 
 def decode(e: Encoded, start: int, T: int, is_key: bool, basis: Basis, inv_freq: torch.Tensor,
            p: CodecParams) -> torch.Tensor:
     """Rebuild x [L, G, T, Dh] (keys post-RoPE at their true positions, or values)."""
     L, G = e.rank.shape
-    Dh = basis.mean.shape[-1]
+    B, Dh = L * G, basis.mean.shape[-1]
     s, t = split(start, T, p)
     m = T - s - t
-    xw = torch.zeros(L, G, m, Dh)
     f32 = lambda a: torch.from_numpy(np.array(a)).float()  # noqa: E731  (copy: loaded arrays are read-only)
-    codes, svd_vt = torch.from_numpy(np.array(e.codes)), f32(e.svd_vt)
-    off = svd_row = 0
-    for layer in range(L):
-        for g in range(G):
-            if m == 0:
-                continue
-            r, code = int(e.rank[layer, g]), int(e.basis[layer, g])
-            block = codes[off:off + r * m].view(r, m)
-            off += r * m
-            vt = None
-            if BASES[code] == "svd":
-                vt, svd_row = svd_vt[svd_row:svd_row + r], svd_row + r
-            xw[layer, g] = _reconstruct(code, float(e.step[layer, g]), block, basis.pca[layer, g], vt)
-    mid = xw @ basis.unwhiten + basis.mean[:, :, None]
+    rank = torch.from_numpy(e.rank.astype(np.int64)).flatten()
+    kinds = torch.from_numpy(e.basis.astype(np.int64)).flatten()
+    # every block's codes zero-padded to Dh components, and its basis as Dh rows
+    keep = (torch.arange(Dh)[None, :, None] < rank[:, None, None]).expand(B, Dh, m)
+    codes = torch.zeros(B, Dh, m)
+    codes[keep] = f32(e.codes)
+    rows = torch.eye(Dh).repeat(B, 1, 1)  # raw
+    pca = basis.pca.reshape(B, Dh, Dh).transpose(1, 2)
+    rows[kinds == BASES.index("pca")] = pca[kinds == BASES.index("pca")]
+    svd_vt, at = f32(e.svd_vt), 0
+    for b in (kinds == BASES.index("svd")).nonzero().flatten().tolist():
+        r = int(rank[b])
+        rows[b] = 0
+        rows[b, :r] = svd_vt[at:at + r]
+        at += r
+    xw = (codes.transpose(1, 2) * f32(e.step).reshape(B, 1, 1)) @ rows  # [B, M, Dh]
+    mid = xw.reshape(L, G, m, Dh) @ basis.unwhiten + basis.mean[:, :, None]
     if is_key:
         cos, sin = rope_tables(torch.arange(start + s, start + T - t), inv_freq)
         mid = rotate(mid, cos, sin)

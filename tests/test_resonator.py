@@ -14,7 +14,7 @@ from server.resonator import Resonator
 from server.spectral import CodecParams
 from server.sampling import choose, gumbel, lowbias32, uniform
 
-VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "vectors" / "sampling.json"
+VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "sampling_vectors.json"
 
 
 def test_sampling_matches_the_shared_vectors():
