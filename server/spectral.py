@@ -171,7 +171,7 @@ def encode(x: torch.Tensor, start: int, is_key: bool, basis: Basis, inv_freq: to
         elif name == "pca":
             coef = xw @ basis.pca.reshape(B, Dh, Dh)
         else:
-            vt = torch.linalg.svd(xw, full_matrices=False)[2].half().float()  # [B, Dh, Dh], as stored
+            vt = torch.linalg.svd(xw, full_matrices=True)[2].half().float()  # [B, Dh, Dh] even if M < Dh
             coef = xw @ vt.transpose(1, 2)
         q, rank = _quantize(coef, step, p.max_rank)
         candidates[BASES.index(name)] = (q, rank, vt)

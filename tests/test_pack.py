@@ -73,6 +73,6 @@ def test_pack_decodes_like_the_model(tiny):
     lp, _ = forward(packed, ids, pos)
     le, _ = forward(exact, ids, pos)
     assert (lp.argmax(-1) == le.argmax(-1)).float().mean() > 0.9
-    assert torch.allclose(lp, le, atol=0.05 * float(le.abs().max()))
+    assert float((lp - le).abs().max()) < 0.1 * float(le.abs().max())  # Q8_0: about 0.4% per weight
     b = basis_from_pack(holo)
     assert b.keys.pca.shape == (tiny.config.num_hidden_layers, tiny.config.num_key_value_heads, 16, 16)

@@ -102,3 +102,12 @@ def test_empty_middle_and_empty_segment():
         y = decode(e, 0, T, True, basis, INV_FREQ, p)
         assert y.shape == x.shape and torch.equal(y, x.half().float())
     assert np.all(encode(low_rank(3, 2), 10, False, basis, INV_FREQ, p).rank == 0)
+
+
+@pytest.mark.parametrize("bases", [("svd",), BASES])
+def test_middle_shorter_than_head_dim(bases):
+    x = low_rank(DH - 3, 2, seed=5)
+    basis = calibrate(low_rank(100, 4))
+    p = CodecParams(sink=0, recent=0, value_step=0.05, bases=bases)
+    y = decode(encode(x, 0, False, basis, INV_FREQ, p), 0, x.shape[2], False, basis, INV_FREQ, p)
+    assert float((y - x).pow(2).mean().sqrt()) < 0.05 * float(x.pow(2).mean().sqrt())
