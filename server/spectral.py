@@ -43,11 +43,13 @@ BASES = ("raw", "pca", "svd")  # index = the basis code stored per block
 @dataclass(frozen=True)
 class CodecParams:
     sink: int = 4  # exact tokens at the start of the conversation
-    recent: int = 32  # exact newest tokens of each segment
-    key_step: float = 0.25  # quantization step for keys, relative to the block's whitened RMS
-    value_step: float = 0.25
+    recent: int = 8  # exact newest tokens of each segment
+    key_step: float = 0.3  # quantization step for keys, relative to the block's whitened RMS
+    value_step: float = 0.15  # values are the more sensitive half (bench/fidelity.py)
     max_rank: int = 1 << 16
-    bases: tuple[str, ...] = BASES
+    # "svd" never beat "pca" on SmolLM2 and costs a batched SVD per segment; it stays
+    # available for models the calibration fits less well.
+    bases: tuple[str, ...] = ("raw", "pca")
 
     def to_meta(self) -> dict:
         d = asdict(self)
@@ -59,10 +61,11 @@ class CodecParams:
         return cls(**{**d, "bases": tuple(d["bases"])})
 
 
+# Chosen from the size/agreement frontier measured by bench/fidelity.py (docs/fidelity.md).
 PRESETS: dict[str, CodecParams] = {
     "default": CodecParams(),
-    "fine": CodecParams(key_step=0.15, value_step=0.15),
-    "coarse": CodecParams(key_step=0.4, value_step=0.4),
+    "fine": CodecParams(recent=32, key_step=0.15, value_step=0.075),
+    "coarse": CodecParams(recent=0, key_step=0.5, value_step=0.25),
 }
 
 
