@@ -42,6 +42,32 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+CODEC_FILES = ("server/spectral.py", "server/hologram.py", "server/pack.py", "server/rope.py", "protocol/holo.py")
+
+
+def codec_version() -> str:
+    """The git commit of the codec files, with '+dirty' if they differ from it."""
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", *CODEC_FILES],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *CODEC_FILES],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "?") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# read before importing the codec, so figures and result-cache keys match the code that runs
+CODEC_REV = codec_version()
+CODEC_DIGEST = _file_digest(*(REPO / f for f in CODEC_FILES))
+
 from bench import baselines, corpus  # noqa: E402
 from server import hologram, llama  # noqa: E402
 from server.spectral import BASES, PRESETS, CodecParams  # noqa: E402
@@ -76,17 +102,16 @@ class CodecSetting:
 
 
 def codec_sweep(quick: bool = False) -> list[CodecSetting]:
-    """Every codec setting measured (--quick: the presets and one step per basis choice)."""
+    """Every codec setting measured: the presets (server/spectral.py PRESETS), then the SWEEP
+    grids (--quick: one step per basis choice instead)."""
+    out = [CodecSetting(f"codec/preset {name}", "codec presets", p) for name, p in PRESETS.items()]
     if quick:
-        out = [CodecSetting(f"codec/{name}", "codec all" + ("" if p.recent == 32 else f" r{p.recent}"), p)
-               for name, p in PRESETS.items()]
-        base = PRESETS["default"]
-        return out + [CodecSetting(f"codec/{b} s{base.key_step:g}", f"codec {b}", replace(base, bases=BASIS_CHOICES[b]))
+        return out + [CodecSetting(f"codec/{b} r32 s0.25", f"codec {b}",
+                                   CodecParams(recent=32, key_step=0.25, value_step=0.25, bases=BASIS_CHOICES[b]))
                       for b in ("pca", "raw", "svd")]
-    out = []
     for b, recent, steps, calib in SWEEP:
         for st in steps:
-            p = CodecParams(recent=recent, key_step=st, value_step=st, bases=BASIS_CHOICES[b])
+            p = CodecParams(sink=4, recent=recent, key_step=st, value_step=st, bases=BASIS_CHOICES[b])
             tag = "" if calib == "weighted" else f" {calib}"
             fam = f"codec {b}" + ("" if recent == 32 else f" r{recent}") + tag
             out.append(CodecSetting(f"codec/{b} r{recent} s{st:g}{tag}", fam, p, calib))
@@ -117,18 +142,10 @@ class Method:
     plot: bool = True
 
 
-def _file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def methods(settings: list[CodecSetting], bases: dict, model_id: str, tokenizer_id: str) -> list[Method]:
     """Baselines, then the codec settings whose calibration is in `bases` (name -> CodecBasis)."""
     bl = _file_digest(REPO / "bench" / "baselines.py")
-    codec_code = _file_digest(*(REPO / "server" / f for f in ("spectral.py", "hologram.py", "pack.py", "rope.py")),
-                              REPO / "protocol" / "holo.py")
+    codec_code = CODEC_DIGEST
     out = [
         Method("exact (fp32)", "exact", lambda c: (c.keys, c.values, None, 2 * baselines.fp16(c.keys, c.values)[3]),
                "exact", plot=False),
@@ -352,12 +369,16 @@ def view(summaries: list[dict], split: str | None) -> list[dict]:
     return [{"method": s["method"], "family": s["family"], **s["by_split"][split]} for s in summaries]
 
 
+def _kl(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}"
+
+
 def table(summaries: list[dict]) -> list[str]:
     lines = ["| method | ratio vs fp16 | agreement mean | agreement min | KL mean | s/text |",
              "|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['method']} | {s['ratio_mean']:.2f}x | {100 * s['agreement_mean']:.1f}% | "
-                     f"{100 * s['agreement_min']:.1f}% | {s['kl_mean']:.4f} | {s['seconds_mean']:.2f} |")
+                     f"{100 * s['agreement_min']:.1f}% | {_kl(s['kl_mean'])} | {s['seconds_mean']:.2f} |")
     return lines
 
 
@@ -369,7 +390,7 @@ def equal_size_table(select: list[dict], report: list[dict]) -> list[str]:
     lines = ["| baseline | ratio | agreement | min | KL | codec setting | ratio | agreement | min | KL |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     f = lambda s: (f"{s['ratio_mean']:.2f}x | {100 * s['agreement_mean']:.1f}% | "  # noqa: E731
-                   f"{100 * s['agreement_min']:.1f}% | {s['kl_mean']:.4f}")
+                   f"{100 * s['agreement_min']:.1f}% | {_kl(s['kl_mean'])}")
     for b in select:
         if b["family"] in ("exact", "fp16") or b["family"].startswith("codec"):
             continue
@@ -381,41 +402,46 @@ def equal_size_table(select: list[dict], report: list[dict]) -> list[str]:
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
+    """Agreement (left) and KL (right, log) against the size ratio, one series per method family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     fams: dict[str, list[dict]] = {}
     for s in summaries:
-        if s.get("plot", True):
+        if s.get("plot", s["family"] != "exact"):
             fams.setdefault(s["family"], []).append(s)
-    markers = "os^vD<>phX*"
-    for i, (fam, ss) in enumerate(fams.items()):
-        ss = sorted(ss, key=lambda s: s["ratio_mean"])
-        ax.plot([s["ratio_mean"] for s in ss], [100 * s["agreement_mean"] for s in ss],
-                marker=markers[i % len(markers)], linestyle="-" if len(ss) > 1 else "none",
-                label=fam, alpha=0.85)
-        if not fam.startswith("codec"):
-            for s in ss:
-                ax.annotate(s["method"], (s["ratio_mean"], 100 * s["agreement_mean"]), fontsize=7,
-                            xytext=(4, -10), textcoords="offset points")
-    ax.set_xscale("log")
-    ticks = [1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16]
-    lo, hi = ax.get_xlim()
-    ax.set_xticks([t for t in ticks if lo <= t <= hi])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("size ratio (fp16 KV bytes / compressed bytes), log scale")
-    ax.set_ylabel("greedy agreement with the exact cache (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    markers = "os^vD<>phX*P"
+    for ax, key, scale, label in ((axes[0], "agreement_mean", 100, "greedy agreement with the exact cache (%)"),
+                                  (axes[1], "kl_mean", 1, "mean KL(exact || compressed), log scale")):
+        for i, (fam, ss) in enumerate(fams.items()):
+            ss = sorted(ss, key=lambda s: s["ratio_mean"])
+            ys = [max(scale * s[key], 1e-8) for s in ss]
+            ax.plot([s["ratio_mean"] for s in ss], ys, marker=markers[i % len(markers)],
+                    linestyle="-" if len(ss) > 1 else "none", label=fam, alpha=0.85)
+            if not fam.startswith("codec"):
+                for s, y in zip(ss, ys):
+                    ax.annotate(s["method"], (s["ratio_mean"], y), fontsize=7, xytext=(4, -10),
+                                textcoords="offset points")
+        ax.set_xscale("log")
+        if key == "kl_mean":
+            ax.set_yscale("log")
+        ticks = [1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16]
+        lo, hi = ax.get_xlim()
+        ax.set_xticks([t for t in ticks if lo <= t <= hi])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("size ratio (fp16 KV bytes / compressed bytes), log scale")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -439,7 +465,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-pack", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-cache", action="store_true", help="do not reuse or store results under /tmp")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only rewrite --md and --plot from a result JSON written by an earlier run")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text()), args.md, args.plot))
+        return
     command = "python -m bench.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -508,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         s = summarize(m, rows[m.name])
         s["plot"] = m.plot
         summaries.append(s)
+    Ps = [r["P"] for r in rows[ms[0].name]]
 
     pack = None
     if not args.no_pack:
@@ -521,26 +553,50 @@ def main(argv: list[str] | None = None) -> None:
 
     mach = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result = {"machine": mach, "date": date, "command": command, "model": lm.model_id, "codec": CODEC_REV,
+              "codec_files": list(CODEC_FILES), "texts": [t.id for t in texts],
+              "splits": {t.id: t.split for t in texts}, "selection": args.texts,
+              "tokens": args.tokens, "new": args.new, "P_range": [min(Ps), max(Ps)],
+              "sink": baselines.SINK, "recent": baselines.RECENT,
+              "run_seconds": total_s, "calibration_seconds": calib_s,
+              "reference_seconds_mean": statistics.fmean(ref_s) if ref_s else None,
+              "settings": summaries, "pack": pack, "timing": tim}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    text = render(result, args.md, args.plot)
+    print()
+    print(text)
+    print(f"wrote {args.out}, {args.md}, {args.plot} in {total_s / 60:.1f} min")
+
+
+def render(result: dict, md_path: Path, plot_path: Path) -> str:
+    """Write the markdown report and the plot from a result JSON; returns the markdown."""
+    summaries, texts = result["settings"], result["texts"]
+    splits = result["splits"]
+    mach, pack, tim = result["machine"], result["pack"], result["timing"]
+    ref_s = result.get("reference_seconds_mean")
     header = ["# KV-cache fidelity: spectral codec vs baselines", "",
               f"- machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} threads), "
               f"Python {mach['python']}",
-              f"- date: {date}",
-              f"- command: `{command}`",
-              f"- model: `{lm.model_id}`; texts: {len(texts)} ({args.texts}: "
-              f"{', '.join(t.id for t in texts)})",
-              f"- prompt: chat template around the first {args.tokens} tokens of each text "
-              f"(P = {min(r['P'] for r in rows[ms[0].name])}..{max(r['P'] for r in rows[ms[0].name])} cached tokens); "
-              f"{args.new} greedy continuation tokens, teacher-forced over the compressed cache",
-              f"- all methods keep the first {baselines.SINK} tokens exact; baselines keep the last "
-              f"{baselines.RECENT} exact, the codec its `recent`; sizes count those fp16 bytes "
+              f"- date: {result['date']}",
+              f"- command: `{result['command']}`",
+              f"- codec: commit {result['codec']} of {', '.join(result['codec_files'])}",
+              f"- model: `{result['model']}`; texts: {len(texts)} ({result['selection']}: {', '.join(texts)})",
+              f"- prompt: chat template around the first {result['tokens']} tokens of each text "
+              f"(P = {result['P_range'][0]}..{result['P_range'][1]} cached tokens); "
+              f"{result['new']} greedy continuation tokens, teacher-forced over the compressed cache",
+              f"- all methods keep the first {result['sink']} tokens exact; baselines keep the last "
+              f"{result['recent']} exact, the codec its `recent`; sizes count those fp16 bytes "
               f"(codec: the whole .holo file); H2O's fraction is of all P tokens, sink and recent included; "
               f"continuation tokens are never compressed or evicted",
-              f"- run time: {total_s / 60:.1f} min (calibration {calib_s:.0f}s, exact reference per text "
-              f"{statistics.fmean(ref_s) if ref_s else float('nan'):.1f}s)", ""]
-    splits = {t.split for t in texts}
+              f"- ratio = fp16 K/V bytes of the P cached tokens / compressed bytes; agreement = share of the "
+              f"{result['new']} positions whose argmax is the exact greedy token; KL = mean KL(exact || compressed)",
+              f"- run time: {result['run_seconds'] / 60:.1f} min (calibration {result['calibration_seconds']:.0f}s, "
+              f"exact reference per text {ref_s if ref_s is not None else float('nan'):.1f}s)", ""]
     md = header + [f"## All settings, all {len(texts)} texts", ""] + table(summaries) + [""]
-    if splits == {"dev", "test"}:
-        md += [f"## All settings, the {sum(t.split == 'test' for t in texts)} test texts only", ""]
+    if set(splits.values()) == {"dev", "test"}:
+        n_test = sum(v == "test" for v in splits.values())
+        md += [f"## All settings, the {n_test} test texts only", ""]
         md += table(view(summaries, "test")) + [""]
         md += ["## Codec vs each baseline at equal or smaller size", "",
                "For each baseline, the codec setting with the best mean agreement among those whose mean "
@@ -561,28 +617,18 @@ def main(argv: list[str] | None = None) -> None:
                f"KL {pack['kl_mean']:.2e}", ""]
     if tim:
         md += ["## Hologram build time", "",
-               f"- {tim['tokens']}-token prompt, preset `default`, median of {tim['reps']}: transformers prefill "
-               f"{tim['prefill_s']:.2f}s, hologram build {tim['build_s']:.2f}s "
+               f"- {tim['tokens']}-token prompt, preset `{tim['preset']}`, median of {tim['reps']}: transformers "
+               f"prefill {tim['prefill_s']:.2f}s, hologram build {tim['build_s']:.2f}s "
                f"({tim['build_over_prefill']:.2f}x the prefill), hologram read {tim['read_s']:.2f}s",
                f"- hologram {tim['hologram_bytes'] / 1e6:.2f} MB vs fp16 KV {tim['fp16_kv_bytes'] / 1e6:.2f} MB "
                f"({tim['fp16_kv_bytes'] / tim['hologram_bytes']:.2f}x)", ""]
-    md += [f"![agreement vs size]({os.path.relpath(args.plot, args.md.parent)})", ""]
+    md += [f"![agreement and KL vs size]({os.path.relpath(plot_path, md_path.parent)})", ""]
     text = "\n".join(md)
-    print()
-    print(text)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": mach, "date": date, "command": command, "model": lm.model_id,
-              "texts": [t.id for t in texts], "tokens": args.tokens, "new": args.new,
-              "run_seconds": total_s, "calibration_seconds": calib_s,
-              "settings": [{k: v for k, v in s.items() if k != "plot"} for s in summaries],
-              "pack": pack, "timing": tim}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(text)
-    plot(summaries, args.plot, f"SmolLM2-135M, {len(texts)} texts, {args.tokens}-token prompts, "
-                               f"{args.new} tokens; ratio vs fp16 KV")
-    print(f"wrote {args.out}, {args.md}, {args.plot} in {total_s / 60:.1f} min")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    plot(summaries, plot_path, f"SmolLM2-135M, {len(texts)} texts, {result['tokens']}-token prompts, "
+                               f"{result['new']} tokens; ratio vs fp16 KV")
+    return text
 
 
 if __name__ == "__main__":

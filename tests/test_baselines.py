@@ -154,3 +154,18 @@ def test_corpus_list_is_well_formed():
     for e in entries:
         assert len(e["sha256"]) == 64 and e.get("licence") and e.get("source")
         assert "pydoc_data" not in e.get("path", "")
+
+
+def test_fidelity_metrics_and_sweep():
+    from bench import fidelity
+
+    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(2))
+    teacher = logits.argmax(-1).tolist()
+    assert fidelity.compare(logits, logits, teacher) == (1.0, pytest.approx(0.0, abs=1e-9))
+    other = logits.clone()
+    other[0] = -other[0]
+    agree, kl = fidelity.compare(logits, other, teacher)
+    assert agree == pytest.approx(0.8) and kl > 0
+    for quick in (False, True):
+        names = [s.name for s in fidelity.codec_sweep(quick)]
+        assert len(names) == len(set(names)) and all(n.startswith("codec/") for n in names)
