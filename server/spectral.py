@@ -141,7 +141,8 @@ def _code_bits(q: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     only the ranking of candidate bases depends on it, and it costs one pass over the codes.
     """
     B, dh, m = q.shape
-    var = q.float().var(dim=2, correction=0) if m else torch.zeros(B, dh)
+    sample = q[:, :, ::4]  # every 4th token estimates the variance well enough to rank bases
+    var = sample.float().var(dim=2, correction=0) if m else torch.zeros(B, dh)
     bits = 0.5 * torch.log2(2 * torch.pi * torch.e * (var + 1 / 12)) * m  # [B, Dh]
     return (bits * (torch.arange(dh)[None] < rank[:, None])).sum(-1)
 
@@ -186,18 +187,17 @@ def encode(x: torch.Tensor, start: int, is_key: bool, basis: Basis, inv_freq: to
         choice = torch.stack(bits).argmin(dim=0)  # [B] index into order
     else:
         choice = torch.zeros(B, dtype=torch.long)
-    codes = torch.zeros(B, Dh, M, dtype=torch.int8)
-    rank = torch.zeros(B, dtype=torch.long)
-    svd_rows = []
-    for i, c in enumerate(order):
+    codes, rank, _ = candidates[order[0]]
+    for i, c in enumerate(order[1:], start=1):
         sel = choice == i
-        codes[sel], rank[sel] = candidates[c][0][sel], candidates[c][1][sel]
+        codes = torch.where(sel[:, None, None], candidates[c][0], codes)
+        rank = torch.where(sel, candidates[c][1], rank)
     kinds = torch.tensor(order)[choice]
-    for b in (kinds == BASES.index("svd")).nonzero().flatten().tolist():
-        svd_rows.append(candidates[BASES.index("svd")][2][b, :rank[b]])
-    keep = torch.arange(Dh)[None, :, None] < rank[:, None, None]  # [B, Dh, 1]
+    svd_rows = [candidates[BASES.index("svd")][2][b, :rank[b]]
+                for b in (kinds == BASES.index("svd")).nonzero().flatten().tolist()]
+    flat = [codes[b, :r].reshape(-1) for b, r in enumerate(rank.tolist())]  # each block [rank, M]
     return Encoded(head=x[:, :, :s].half().numpy(), tail=x[:, :, T - t:].half().numpy(),
-                   codes=codes[keep.expand(B, Dh, M)].numpy(),  # block after block, each [rank, M]
+                   codes=(torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int8)).numpy(),
                    rank=rank.view(L, G).numpy().astype(np.uint16), step=step.view(L, G).numpy().astype(np.float32),
                    basis=kinds.view(L, G).numpy().astype(np.uint8),
                    svd_vt=(torch.cat(svd_rows) if svd_rows else torch.zeros(0, Dh)).half().numpy())
