@@ -213,7 +213,7 @@ def reference(lm, w: llama.LlamaWeights, text_id: str, prompt: list[int], new: i
     x, teacher, logits = prompt[-1], [], []
     for i in range(new):
         lg, step_kv = llama.forward(w, torch.tensor([x]), torch.tensor([P + i]), past=past)
-        past = [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(past, step_kv)]
+        past = llama.extend(past, step_kv)
         x = int(lg[0].argmax())
         teacher.append(x)
         logits.append(lg[0])

@@ -60,6 +60,13 @@ def weights_from_hf(model) -> LlamaWeights:
                         f(model.model.norm.weight), f(model.lm_head.weight))
 
 
+def extend(past: list[KV] | None, new: list[KV]) -> list[KV]:
+    """Per layer, `new` K/V appended after `past` along the token axis."""
+    if past is None:
+        return new
+    return [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(past, new)]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

@@ -10,7 +10,7 @@ import torch
 
 from protocol.holo import Holo, content_hash, load_hologram
 from server import hologram
-from server.llama import KV, forward
+from server.llama import KV, extend, forward
 from server.pack import basis_from_pack, weights_from_pack
 from server.sampling import choose
 
@@ -36,16 +36,14 @@ class Resonator:
         if seg.start != self.position:
             raise ValueError(f"hologram starts at {seg.start}, the resonator is at {self.position}")
         layers = list(zip(seg.keys, seg.values))
-        self.past = layers if self.past is None else [
-            (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self.past, layers)]
+        self.past = extend(self.past, layers)
         self.position = seg.end
         self.next_id = seg.meta["next_id"]
 
     def step(self, token: int) -> torch.Tensor:
         """Feed `token` at the current position; return the logits [V] for the next one."""
         logits, new = forward(self.weights, torch.tensor([token]), torch.tensor([self.position]), self.past)
-        self.past = new if self.past is None else [
-            (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self.past, new)]
+        self.past = extend(self.past, new)
         self.position += 1
         return logits[0]
 

@@ -9,7 +9,7 @@ import torch
 from protocol.holo import load_hologram
 from server import hologram
 from server.anchor import Caches
-from server.llama import forward, weights_from_hf
+from server.llama import extend, forward, weights_from_hf
 from server.pack import LINEAR, weights_from_pack
 from server.resonator import Resonator
 
@@ -66,7 +66,7 @@ def test_hologram_decode_agrees_with_the_exact_cache(smollm_anchor):
         seq, past = [ids[-1]], exact
         for pos in range(end, end + 32):
             logits, new = forward(w, torch.tensor(seq[-1:]), torch.tensor([pos]), past)
-            past = [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(past, new)]
+            past = extend(past, new)
             seq.append(int(logits[0].argmax()))
         logits, _ = forward(w, torch.tensor(seq[:-1]), torch.arange(end, end + 32), list(zip(seg.keys, seg.values)))
         agreements.append(float((logits.argmax(-1) == torch.tensor(seq[1:])).float().mean()))

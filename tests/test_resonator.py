@@ -9,7 +9,7 @@ import torch
 
 from server import hologram
 from server.anchor import Anchor, Caches
-from server.llama import forward
+from server.llama import extend, forward
 from server.resonator import Resonator
 from server.spectral import CodecParams
 from server.sampling import choose, gumbel, lowbias32, uniform
@@ -69,7 +69,7 @@ def greedy_over(res: Resonator, past, first: int, start: int, n: int) -> list[in
     out, tok = [], first
     for pos in range(start, start + n):
         logits, new = forward(res.weights, torch.tensor([tok]), torch.tensor([pos]), past)
-        past = [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(past, new)]
+        past = extend(past, new)
         tok = int(logits[0].argmax())
         out.append(tok)
     return out
