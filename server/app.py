@@ -1,17 +1,22 @@
 """The anchor's HTTP API: model pack, conversation sessions and their holograms.
 
+It also serves the resonator page: `client_web/` at /client/ and the WGSL kernels of
+`shaders/` at /shaders/, as plain static files (no build step).
+
 Every error is JSON `{"error": {"code", "message"}}`. Session endpoints need the session's
 token as `Authorization: Bearer <token>`; the session is looked up first (404), then the
 token is checked (401 when absent, 403 when wrong).
 """
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +26,8 @@ from server.models import load_model
 from server.sessions import Segment, SessionError, SessionStore
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = {"/client": ROOT / "client_web", "/shaders": ROOT / "shaders"}
 bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
 
 
@@ -188,7 +195,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def root():
-        return RedirectResponse("/docs")
+        return RedirectResponse("/client/")
 
     @app.get("/healthz")
     def healthz():
@@ -243,4 +250,6 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             st.delete(s)
         return Response(status_code=204)
 
+    for prefix, folder in STATIC.items():
+        app.mount(prefix, StaticFiles(directory=folder, html=True), name=prefix.strip("/"))
     return app

@@ -35,3 +35,33 @@ def smollm_anchor(smollm):
     from server.anchor import Anchor
     from server.config import Settings
     return Anchor(smollm, **Settings().anchor_options())
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium with WebGPU on SwiftShader, shared by the browser tests."""
+    from tests.browser import launch
+    with launch() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny):
+    """The real anchor app on the tiny model, on a loopback port: (base URL, anchor)."""
+    from server.anchor import Anchor
+    from server.app import create_app
+    from server.config import Settings
+    from tests.browser import serve
+    anchor = Anchor(tiny)
+    with serve(create_app(Settings(), anchor)) as url:
+        yield url, anchor
+
+
+@pytest.fixture(scope="session")
+def smollm_server(smollm_anchor):
+    """The real anchor app on SmolLM2: (base URL, anchor)."""
+    from server.app import create_app
+    from server.config import Settings
+    from tests.browser import serve
+    with serve(create_app(Settings(), smollm_anchor)) as url:
+        yield url, smollm_anchor

@@ -58,7 +58,7 @@ def assert_error(r, status, code):
 def test_health_root_and_models(client, anchor):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/", follow_redirects=False)
-    assert r.status_code in (302, 307) and r.headers["location"] == "/docs"
+    assert r.status_code in (302, 307) and r.headers["location"] == "/client/"
     (m,) = client.get("/v1/models").json()["models"]
     assert m["model_key"] == anchor.model_key and m["pack_hash"] == anchor.pack_hash
     assert m["anchor_model"] == m["resonator_model"] == anchor.lm.model_id

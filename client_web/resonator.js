@@ -1,0 +1,562 @@
+// The resonator engine: a Llama decode loop in WGSL (shaders/) over a model pack and
+// conversation holograms, token for token the Python reference (server/resonator.py).
+//
+// Buffers are laid out once per pack: every weight matrix is kept in the pack's own
+// quantized planes (split into row chunks if a plane exceeds the adapter's binding size),
+// the q/k/v and gate/up matrices of a layer are concatenated so each is one product, and
+// the KV cache is one [capacity, G, Dh] f32 buffer per layer and kind, grown by copying.
+// Pipelines and bind groups are built once. A step is ~7 dispatches per layer in one
+// compute pass; the chosen token stays on the GPU (sample.wgsl feeds it to the next step's
+// embedding), so a batch of steps is one submission and only token ids are read back.
+//
+// Positions follow server/resonator.py: `position` counts the cached positions and
+// `nextId` is the token to feed at `position`; its logits choose the token at
+// `position + 1`.
+
+import { loadHologram } from './holo.js';
+
+export class NoWebGPUError extends Error {}
+
+const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attention', 'attn_combine', 'sample',
+  'holo_unpack'];
+const PLANES = { q4_1: ['d', 'm', 'qs'], q8_0: ['d', 'q'] };
+const ATTN_CHUNK = 256;    // positions per attention workgroup (attention.wgsl CHUNK)
+const SAMPLE_SPAN = 1024;  // logits per sample.wgsl `scan` workgroup
+const STATE_BYTES = 32;
+const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
+
+const align = (n, a) => Math.ceil(n / a) * a;
+
+function concatBytes(views) {
+  const out = new Uint8Array(views.reduce((n, v) => n + v.byteLength, 0));
+  let at = 0;
+  for (const v of views) {
+    out.set(new Uint8Array(v.buffer, v.byteOffset, v.byteLength), at);
+    at += v.byteLength;
+  }
+  return out;
+}
+
+export class Resonator {
+  /** Set up the device; throws NoWebGPUError where WebGPU is missing. */
+  static async create({ shaderBase = '/shaders/', lanes = 4, batch = 4, maxBindingBytes = Infinity } = {}) {
+    if (!('gpu' in navigator)) {
+      throw new NoWebGPUError('This browser does not offer WebGPU (navigator.gpu is missing).');
+    }
+    const adapter = await navigator.gpu.requestAdapter();
+    if (!adapter) throw new NoWebGPUError('WebGPU is present but no GPU adapter is available.');
+    const lim = adapter.limits;
+    const device = await adapter.requestDevice({
+      requiredLimits: {
+        maxStorageBufferBindingSize: lim.maxStorageBufferBindingSize,
+        maxBufferSize: lim.maxBufferSize,
+      },
+      requiredFeatures: adapter.features.has('timestamp-query') ? ['timestamp-query'] : [],
+    });
+    const sources = Object.fromEntries(await Promise.all(SHADERS.map(async (name) => {
+      const r = await fetch(`${shaderBase}${name}.wgsl`);
+      if (!r.ok) throw new Error(`could not load shader ${name}.wgsl: HTTP ${r.status}`);
+      return [name, await r.text()];
+    })));
+    const info = adapter.info || {};
+    return new Resonator(device, sources, {
+      lanes, batch,
+      bindingBytes: Math.min(maxBindingBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
+      adapter: `${info.vendor || '?'} / ${info.architecture || '?'}`,
+    });
+  }
+
+  constructor(device, sources, opts) {
+    this.device = device;
+    this.sources = sources;
+    this.opts = opts;
+    this.adapter = opts.adapter;
+    this.pipelines = new Map();
+    this.position = 0;
+    this.nextId = null;
+    this.capacity = 0;
+    this.closed = false;
+    this.onLost = null;
+    this.lost = device.lost.then((info) => {
+      if (!this.closed) this.onLost?.(info);
+      return info;
+    });
+    device.addEventListener('uncapturederror', (e) => console.error('WebGPU error:', e.error.message));
+  }
+
+  // ---- buffers -----------------------------------------------------------------------------
+
+  buffer(size, usage, data) {
+    const buf = this.device.createBuffer({ size: align(Math.max(size, 4), 4), usage, mappedAtCreation: !!data });
+    if (data) {
+      new Uint8Array(buf.getMappedRange()).set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+      buf.unmap();
+    }
+    return buf;
+  }
+
+  upload(data) {
+    return this.buffer(data.byteLength, STORAGE | COPY_DST, data);
+  }
+
+  uniform(words) {
+    return this.buffer(words.byteLength, UNIFORM, words);
+  }
+
+  /** A matrix [R, C] of the pack (or rows of several stacked) as row chunks of planes. */
+  matrix(names) {
+    const schemes = names.map((n) => this.meta.weights[n]);
+    const scheme = schemes[0];
+    if (!PLANES[scheme]) throw new Error(`weight scheme ${scheme} of ${names[0]} has no WGSL kernel`);
+    if (schemes.some((s) => s !== scheme)) throw new Error(`${names.join(', ')} mix weight schemes ${schemes}`);
+    const planes = PLANES[scheme].map((p) => names.map((n) => this.tensors[`${n}.${p}`]));
+    const rows = planes[0].reduce((n, t) => n + t.shape[0], 0);
+    const cols = this.tensors[`${names[0]}.${PLANES[scheme].at(-1)}`].shape[1] * (scheme === 'q4_1' ? 2 : 1);
+    const rowBytes = planes.map((ts) => ts[0].data.byteLength / ts[0].shape[0]);
+    // Chunk boundaries keep every plane 4-byte aligned: an even row count, so f16 pairs stay whole.
+    let per = Math.floor(this.opts.bindingBytes / Math.max(...rowBytes));
+    per = Math.min(rows, per - (per % 2));
+    if (per < 2) throw new Error(`a row of ${names[0]} does not fit the adapter's binding size`);
+    const whole = planes.map((ts) => concatBytes(ts.map((t) => t.data)));
+    const chunks = [];
+    for (let row0 = 0; row0 < rows; row0 += per) {
+      const n = Math.min(per, rows - row0);
+      chunks.push({
+        row0, rows: n,
+        planes: whole.map((b, i) => this.upload(b.subarray(row0 * rowBytes[i], (row0 + n) * rowBytes[i]))),
+      });
+    }
+    return { scheme, rows, cols, chunks };
+  }
+
+  // ---- pipelines ---------------------------------------------------------------------------
+
+  pipeline(shader, constants, { scheme = null, entry = 'main' } = {}) {
+    const key = JSON.stringify([shader, scheme, entry, constants]);
+    if (!this.pipelines.has(key)) {
+      const code = (scheme ? this.sources[scheme] + '\n' : '') + this.sources[shader];
+      const module = this.device.createShaderModule({ code, label: shader });
+      this.pipelines.set(key, this.device.createComputePipeline({
+        label: `${shader}:${entry}`, layout: 'auto', compute: { module, entryPoint: entry, constants },
+      }));
+    }
+    return this.pipelines.get(key);
+  }
+
+  bind(pipeline, entries) {
+    return this.device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries: Object.entries(entries).map(([binding, buffer]) => ({ binding: Number(binding), resource: { buffer } })),
+    });
+  }
+
+  /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
+  gemv(name, m, { x, y, norm = null, mode = 0, rows = m.rows, up = 0 }) {
+    const lanes = this.opts.lanes;
+    const pipe = this.pipeline('gemv', { C: m.cols, LANES: lanes, MODE: mode, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
+      { scheme: m.scheme });
+    if (mode === 2 && m.chunks.length > 1) throw new Error(`${name} is too large for one binding`);
+    return m.chunks.map((c) => {
+      const n = mode === 2 ? rows : c.rows;
+      const planes = Object.fromEntries(c.planes.map((b, i) => [i, b]));
+      const params = this.uniform(new Uint32Array([n, c.row0, up, 0]));
+      return [name, pipe, this.bind(pipe, { ...planes, 3: x, 4: norm || x, 5: y, 6: params }),
+        Math.ceil(n / (64 / lanes)), 1];
+    });
+  }
+
+  // ---- the model pack ----------------------------------------------------------------------
+
+  /** Upload a model pack (.holo bytes) and build every pipeline and bind group. */
+  async loadPack(bytes, packHash) {
+    const holo = await loadHologram(bytes);
+    if (holo.kind !== 'model_pack' || holo.meta.format !== 'hpi.model_pack/1') {
+      throw new Error(`not a model pack (kind ${holo.kind}, format ${holo.meta.format})`);
+    }
+    this.meta = holo.meta;
+    this.tensors = holo.tensors;
+    this.packHash = packHash;
+    const c = holo.meta.config;
+    this.cfg = { V: c.vocab, DM: c.hidden, L: c.layers, H: c.heads, G: c.kv_heads, DH: c.head_dim,
+      F: c.intermediate, eps: c.eps };
+    const { V, DM, L, H, G, DH, F } = this.cfg;
+    if (DH > 64 || DH % 2 || DM % 32 || F % 32) throw new Error(`unsupported shape: head_dim ${DH}, hidden ${DM}`);
+    this.eos = new Set(holo.meta.eos_ids);
+    this.vocabBytes = holo.tensors['vocab.bytes'].data.slice();
+    this.vocabOffsets = holo.tensors['vocab.offsets'].data.slice();
+    this.invFreq = holo.tensors['rope.inv_freq'].data.slice();
+
+    const f32 = (name) => this.upload(holo.tensors[name].data);
+    this.embed = this.matrix(['embed']);
+    this.lmHead = c.tied ? this.embed : this.matrix(['lm_head']);
+    this.layers = [];
+    for (let l = 0; l < L; l++) {
+      const p = `layers.${l}.`;
+      this.layers.push({
+        attnNorm: f32(p + 'attn_norm'), mlpNorm: f32(p + 'mlp_norm'),
+        qkv: this.matrix([p + 'wq', p + 'wk', p + 'wv']), wo: this.matrix([p + 'wo']),
+        gateUp: this.matrix([p + 'w_gate', p + 'w_up']), down: this.matrix([p + 'w_down']),
+      });
+    }
+    this.norm = f32('norm');
+    this.calib = {};
+    for (const kind of ['k', 'v']) {
+      const parts = ['pca', 'unwhiten', 'mean'].map((p) => holo.tensors[`codec.${kind}.${p}`].data);
+      this.calib[kind] = { buffer: this.upload(concatBytes(parts)), unwhitenAt: parts[0].length,
+        meanAt: parts[0].length + parts[1].length };
+    }
+    this.tensors = null;  // the pack's bytes can go: everything lives on the GPU now
+
+    const nb = (n) => this.buffer(n * 4, STORAGE | COPY_DST | COPY_SRC);
+    this.state = nb(STATE_BYTES / 4);
+    this.x = nb(DM);
+    this.qkvOut = nb((H + 2 * G) * DH);
+    this.attnOut = nb(H * DH);
+    this.act = nb(F);
+    this.logits = nb(V);
+    this.best = nb(2 * Math.max(V, Math.ceil(V / SAMPLE_SPAN)));
+    this.tokens = nb(256);
+    this.readback = this.buffer(256 * 4, MAP_READ | COPY_DST);
+    this.reserve(1024);
+  }
+
+  /** Make room in the KV cache (and RoPE table) for `positions` positions, keeping its contents. */
+  reserve(positions) {
+    if (positions <= this.capacity) return;
+    const { L, G, DH } = this.cfg;
+    const cap = Math.max(align(positions, ATTN_CHUNK), 2 * this.capacity);
+    const bytes = cap * G * DH * 4;
+    if (bytes > this.opts.bindingBytes) throw new Error(`a KV cache of ${cap} positions exceeds the adapter's binding size`);
+    const enc = this.device.createCommandEncoder();
+    const grow = (old) => {
+      const b = this.buffer(bytes, STORAGE | COPY_DST | COPY_SRC);
+      if (old) { enc.copyBufferToBuffer(old, 0, b, 0, old.size); }
+      return b;
+    };
+    const old = this.cache || [];
+    this.cache = Array.from({ length: L }, (_, l) => ({ k: grow(old[l]?.k), v: grow(old[l]?.v) }));
+    this.device.queue.submit([enc.finish()]);
+    old.forEach((c) => { c.k.destroy(); c.v.destroy(); });
+    this.rope?.destroy();
+    this.rope = this.upload(this.ropeTable(cap));
+    this.part?.destroy();
+    this.part = this.buffer((cap / ATTN_CHUNK) * this.cfg.H * (2 + DH) * 4, STORAGE);
+    this.capacity = cap;
+    this.buildPlan();
+  }
+
+  /** cos/sin per position and dimension pair, angles in float64 then rounded (server/rope.py). */
+  ropeTable(cap) {
+    const half = this.cfg.DH / 2;
+    const t = new Float32Array(cap * half * 2);
+    for (let p = 0; p < cap; p++) {
+      for (let i = 0; i < half; i++) {
+        const a = p * this.invFreq[i];
+        t[(p * half + i) * 2] = Math.cos(a);
+        t[(p * half + i) * 2 + 1] = Math.sin(a);
+      }
+    }
+    return t;
+  }
+
+  /** Every dispatch of a decode step, with bind groups made once: [name, pipeline, group, x, y]. */
+  buildPlan() {
+    const { V, DM, H, G, DH, F } = this.cfg;
+    const dims = { H, G, DH };
+    const embed = this.pipeline('embed', { C: DM }, { scheme: this.embed.scheme });
+    this.embedPlan = this.embed.chunks.map((c) => ['embed', embed, this.bind(embed, {
+      ...Object.fromEntries(c.planes.map((b, i) => [i, b])), 3: this.state,
+      4: this.uniform(new Uint32Array([c.row0, c.rows, 0, 0])), 5: this.x,
+    }), 1, 1]);
+    const rope = this.pipeline('rope_append', dims);
+    const attn = this.pipeline('attention', { ...dims, CHUNK: ATTN_CHUNK, SCALE: Math.fround(1 / Math.sqrt(DH)) });
+    const combine = this.pipeline('attn_combine', { H, DH, CHUNK: ATTN_CHUNK });
+    this.layerPlans = this.layers.map((w, l) => ({
+      pre: [
+        ...this.gemv('qkv', w.qkv, { x: this.x, y: this.qkvOut, norm: w.attnNorm }),
+        ['rope_append', rope, this.bind(rope, { 0: this.state, 1: this.rope, 2: this.qkvOut, 3: this.cache[l].k,
+          4: this.cache[l].v }), Math.ceil(Math.max((H + G) * DH / 2, G * DH) / 64), 1],
+      ],
+      attn: ['attention', attn, this.bind(attn, { 0: this.state, 1: this.qkvOut, 2: this.cache[l].k,
+        3: this.cache[l].v, 4: this.part })],
+      post: [
+        ['attn_combine', combine, this.bind(combine, { 0: this.state, 1: this.part, 2: this.attnOut }), H, 1],
+        ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1 }),
+        ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2, rows: F, up: F }),
+        ...this.gemv('down', w.down, { x: this.act, y: this.x, mode: 1 }),
+      ],
+    }));
+    const scan = this.pipeline('sample', { V }, { entry: 'scan' });
+    const pick = this.pipeline('sample', { V }, { entry: 'pick' });
+    this.headPlan = [
+      ...this.gemv('lm_head', this.lmHead, { x: this.x, y: this.logits, norm: this.norm }),
+      ['sample', scan, this.bind(scan, { 0: this.state, 1: this.logits, 2: this.best }), Math.ceil(V / SAMPLE_SPAN), 1],
+      ['sample', pick, this.bind(pick, { 0: this.state, 2: this.best, 3: this.tokens }), 1, 1],
+    ];
+  }
+
+  /** The dispatches of one step feeding the token at `pos`; `head` adds the LM head and sampling. */
+  stepPlan(pos, head = true) {
+    const chunks = Math.ceil((pos + 1) / ATTN_CHUNK);
+    const out = [...this.embedPlan];
+    for (const lp of this.layerPlans) {
+      out.push(...lp.pre, [...lp.attn, chunks, this.cfg.G], ...lp.post);
+    }
+    if (head) out.push(...this.headPlan);
+    return out;
+  }
+
+  encode(pass, plan) {
+    for (const [, pipe, group, x, y] of plan) {
+      pass.setPipeline(pipe);
+      pass.setBindGroup(0, group);
+      pass.dispatchWorkgroups(x, y);
+    }
+  }
+
+  writeState({ pos, token, step = 0, seed = 0, temperature = 0 }) {
+    const s = new ArrayBuffer(STATE_BYTES);
+    new Uint32Array(s, 0, 4).set([pos, token, step, seed >>> 0]);
+    new Float32Array(s, 16, 1)[0] = temperature;
+    this.device.queue.writeBuffer(this.state, 0, s);
+  }
+
+  async read(buffer, bytes, offset = 0) {
+    const rb = this.buffer(bytes, MAP_READ | COPY_DST);
+    const enc = this.device.createCommandEncoder();
+    enc.copyBufferToBuffer(buffer, offset, rb, 0, align(bytes, 4));
+    this.device.queue.submit([enc.finish()]);
+    await rb.mapAsync(GPUMapMode.READ);
+    const out = rb.getMappedRange().slice(0, bytes);
+    rb.destroy();
+    return out;
+  }
+
+  // ---- holograms ---------------------------------------------------------------------------
+
+  /** Decompress a conversation hologram segment (.holo bytes) into the KV cache, on the GPU. */
+  async addHologram(bytes) {
+    const holo = await loadHologram(bytes);
+    const m = holo.meta;
+    if (holo.kind !== 'conversation' || m.format !== 'hpi.conversation/1') {
+      throw new Error(`not a conversation hologram (kind ${holo.kind}, format ${m.format})`);
+    }
+    if (this.packHash && m.pack_hash !== this.packHash) {
+      throw new Error(`hologram was built for pack ${m.pack_hash.slice(0, 16)}, not ${this.packHash.slice(0, 16)}`);
+    }
+    const { L, G, DH } = this.cfg;
+    if (m.layers !== L || m.kv_heads !== G || m.head_dim !== DH) throw new Error('hologram shape does not match the pack');
+    if (m.start !== this.position) throw new Error(`hologram starts at ${m.start}, the resonator is at ${this.position}`);
+    const T = m.end - m.start;
+    const s = Math.min(Math.max(m.codec.sink - m.start, 0), T);
+    const t = Math.min(m.codec.recent, T - s);
+    const M = T - s - t;
+    this.reserve(m.end + 1);
+    const pipe = this.pipeline('holo_unpack', { DH, G });
+    const temp = [];
+    const enc = this.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    for (const kind of ['k', 'v']) {
+      const x = (p) => holo.tensors[`${kind}.${p}`].data;
+      const head = x('head'), tail = x('tail'), svd = x('svd_vt');
+      const f16s = this.upload(concatBytes([head, tail, svd]));
+      const codes = this.upload(x('codes'));
+      const rank = x('rank'), step = x('step'), basis = x('basis');
+      const table = new ArrayBuffer(L * G * 20);
+      const u = new Uint32Array(table), f = new Float32Array(table);
+      for (let b = 0, at = 0, svdRow = 0; b < L * G; b++) {
+        u.set([at, rank[b], 0, basis[b], svdRow], b * 5);
+        f[b * 5 + 2] = step[b];
+        at += rank[b] * M;
+        if (basis[b] === 2) svdRow += rank[b];
+      }
+      const blocks = this.upload(new Uint8Array(table));
+      temp.push(f16s, codes, blocks);
+      const cal = this.calib[kind];
+      for (let l = 0; l < L; l++) {
+        const params = this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
+          head.length + tail.length, cal.unwhitenAt, cal.meanAt, 0, 0]));
+        temp.push(params);
+        pass.setPipeline(pipe);
+        pass.setBindGroup(0, this.bind(pipe, { 0: params, 1: f16s, 2: codes, 3: blocks, 4: cal.buffer, 5: this.rope,
+          6: this.cache[l][kind] }));
+        if (T > 0) pass.dispatchWorkgroups(T, G);
+      }
+    }
+    pass.end();
+    this.device.queue.submit([enc.finish()]);
+    await this.device.queue.onSubmittedWorkDone();
+    temp.forEach((b) => b.destroy());
+    this.position = m.end;
+    this.nextId = m.next_id;
+    return m;
+  }
+
+  // ---- decoding ----------------------------------------------------------------------------
+
+  /**
+   * Decode up to `maxNew` tokens (greedy, or Gumbel-max at `temperature` with `seed`).
+   * Steps run in batches of `batch` per submission; `onTokens(ids)` sees each batch.
+   */
+  async generate(maxNew, { temperature = 0, seed = 0, stopAtEos = true, onTokens = null } = {}) {
+    if (this.nextId === null) throw new Error('no hologram loaded');
+    const out = [];
+    let token = this.nextId;
+    while (out.length < maxNew) {
+      const n = Math.min(this.opts.batch, maxNew - out.length, 256);
+      this.reserve(this.position + n + 1);
+      this.writeState({ pos: this.position, token, seed, temperature });
+      const enc = this.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      for (let i = 0; i < n; i++) this.encode(pass, this.stepPlan(this.position + i));
+      pass.end();
+      enc.copyBufferToBuffer(this.tokens, 0, this.readback, 0, n * 4);
+      this.device.queue.submit([enc.finish()]);
+      await this.readback.mapAsync(GPUMapMode.READ, 0, n * 4);
+      const ids = Array.from(new Uint32Array(this.readback.getMappedRange(0, n * 4)));
+      this.readback.unmap();
+      let stop = false;
+      const batch = [];
+      for (const id of ids) {
+        batch.push(id);
+        this.position += 1;
+        token = id;
+        if (stopAtEos && this.eos.has(id)) { stop = true; break; }
+      }
+      out.push(...batch);
+      onTokens?.(batch);
+      if (stop) break;
+    }
+    this.nextId = token;
+    return out;
+  }
+
+  /**
+   * Accept `tokens` as the continuation: feed `nextId` and all but the last of them, which
+   * becomes the next token to feed (as after generating them). No logits are computed.
+   */
+  async append(tokens) {
+    if (!tokens.length) return;
+    if (this.nextId === null) throw new Error('no hologram loaded');
+    const feed = [this.nextId, ...tokens.slice(0, -1)];
+    this.reserve(this.position + feed.length + 1);
+    for (const token of feed) {
+      this.writeState({ pos: this.position, token });
+      const enc = this.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      this.encode(pass, this.stepPlan(this.position, false));
+      pass.end();
+      this.device.queue.submit([enc.finish()]);
+      this.position += 1;
+    }
+    this.nextId = tokens.at(-1);
+    await this.device.queue.onSubmittedWorkDone();
+  }
+
+  /** Go back to an earlier position (the cache beyond it is simply overwritten later). */
+  rewind(position, nextId) {
+    if (!(position >= 0 && position <= this.position)) throw new Error(`cannot rewind to ${position} from ${this.position}`);
+    this.position = position;
+    this.nextId = nextId;
+  }
+
+  /** Logits [V] of the last generated step. */
+  async readLogits() {
+    return new Float32Array(await this.read(this.logits, this.cfg.V * 4));
+  }
+
+  /** Layer l's cached keys and values for positions [0, position), each [position, G, Dh]. */
+  async readKV(l) {
+    const n = this.position * this.cfg.G * this.cfg.DH * 4;
+    return { k: new Float32Array(await this.read(this.cache[l].k, n)),
+      v: new Float32Array(await this.read(this.cache[l].v, n)) };
+  }
+
+  /** The sampling noise of sample.wgsl for every token id: (u bits, gumbel bits) per id. */
+  async noise(seed, pos) {
+    const pipe = this.pipeline('sample', { V: this.cfg.V }, { entry: 'noise' });
+    this.writeState({ pos, token: 0, seed });
+    const enc = this.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(pipe);
+    pass.setBindGroup(0, this.bind(pipe, { 0: this.state, 2: this.best }));
+    pass.dispatchWorkgroups(Math.ceil(this.cfg.V / 256));
+    pass.end();
+    this.device.queue.submit([enc.finish()]);
+    return new Uint32Array(await this.read(this.best, this.cfg.V * 8));
+  }
+
+  // ---- text --------------------------------------------------------------------------------
+
+  tokenBytes(id) {
+    return this.vocabBytes.subarray(this.vocabOffsets[id], this.vocabOffsets[id + 1]);
+  }
+
+  /** Text of token ids (UTF-8 across token boundaries). */
+  decode(ids) {
+    return new TextDecoder().decode(concatBytes(ids.map((id) => this.tokenBytes(id))));
+  }
+
+  // ---- measurement -------------------------------------------------------------------------
+
+  /**
+   * Time per kernel of one decode step at the current position, in ms, by kernel name:
+   * GPU timestamps around each dispatch where the adapter has them, else each kernel's
+   * dispatches of a step submitted alone and timed on the wall clock.
+   */
+  async profile(repeats = 3) {
+    const plan = this.stepPlan(this.position);
+    this.writeState({ pos: this.position, token: this.nextId });
+    const totals = {};
+    const add = (name, ms) => { totals[name] = (totals[name] || 0) + ms / repeats; };
+    if (this.device.features.has('timestamp-query')) {
+      const qs = this.device.createQuerySet({ type: 'timestamp', count: 2 * plan.length });
+      const resolve = this.buffer(16 * plan.length, QUERY_RESOLVE | COPY_SRC);
+      for (let r = 0; r < repeats; r++) {
+        const enc = this.device.createCommandEncoder();
+        plan.forEach((d, i) => {
+          const pass = enc.beginComputePass({ timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 2 * i,
+            endOfPassWriteIndex: 2 * i + 1 } });
+          this.encode(pass, [d]);
+          pass.end();
+        });
+        enc.resolveQuerySet(qs, 0, 2 * plan.length, resolve, 0);
+        this.device.queue.submit([enc.finish()]);
+        const ts = new BigUint64Array(await this.read(resolve, 16 * plan.length));
+        plan.forEach(([name], i) => add(name, Number(ts[2 * i + 1] - ts[2 * i]) / 1e6));
+      }
+      qs.destroy();
+      resolve.destroy();
+      return { method: 'timestamp-query', kernels: totals };
+    }
+    const names = [...new Set(plan.map(([name]) => name))];
+    for (let r = 0; r < repeats; r++) {
+      for (const name of names) {
+        const enc = this.device.createCommandEncoder();
+        const pass = enc.beginComputePass();
+        this.encode(pass, plan.filter(([n]) => n === name));
+        pass.end();
+        await this.device.queue.onSubmittedWorkDone();
+        const t0 = performance.now();
+        this.device.queue.submit([enc.finish()]);
+        await this.device.queue.onSubmittedWorkDone();
+        add(name, performance.now() - t0);
+      }
+    }
+    return { method: 'isolated kernels, wall clock', kernels: totals };
+  }
+
+  /** Bytes of weights one decode step reads: every layer matrix and norm, the LM head, one embedding row. */
+  get bytesPerToken() {
+    const size = (m) => m.chunks.reduce((n, c) => n + c.planes.reduce((s, b) => s + b.size, 0), 0);
+    const layers = this.layers.reduce((n, w) => n + size(w.qkv) + size(w.wo) + size(w.gateUp) + size(w.down)
+      + w.attnNorm.size + w.mlpNorm.size, 0);
+    return layers + size(this.lmHead) + size(this.embed) / this.cfg.V + this.norm.size;
+  }
+
+  /** Release the device (a deliberate loss, not reported to onLost). */
+  destroy() {
+    this.closed = true;
+    this.device.destroy();
+  }
+}

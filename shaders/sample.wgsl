@@ -1,0 +1,109 @@
+// Token choice over the logits: greedy argmax (first index on ties), or Gumbel-max at
+// temperature T > 0 with noise from the counter-based hash of protocol/SPEC.md "Sampling",
+// bit-identical to numpy for the uniform u (log is not bit-exact across platforms).
+// Python reference: server/sampling.py choose(), uniform().
+//
+// `scan`:    workgroup of 256 invocations scans 4 * 256 logits; invocation i reads
+//            i, i + 256, ... and the workgroup reduces to one (score, index).
+//            Dispatch: ceil(V / 1024).
+// `pick`:    one workgroup of 256 reduces the partial bests, records the token and
+//            advances the state (the position of the token fed next). Dispatch: 1.
+// `noise`:   u and Gumbel noise for every token id at (seed, pos); used by the tests.
+
+override V: u32;
+
+struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
+
+@group(0) @binding(0) var<storage, read_write> state: State;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> best: array<vec2u>;  // (score bits, index) per workgroup
+@group(0) @binding(3) var<storage, read_write> tokens: array<u32>;  // token chosen at each step
+
+const WG = 256u;
+const PER = 4u;
+var<workgroup> bv: array<f32, WG>;
+var<workgroup> bi: array<u32, WG>;
+
+fn lowbias32(v: u32) -> u32 {
+  var x = v;
+  x ^= x >> 16u;
+  x *= 0x7feb352du;
+  x ^= x >> 15u;
+  x *= 0x846ca68bu;
+  x ^= x >> 16u;
+  return x;
+}
+
+fn uniform01(seed: u32, pos: u32, id: u32) -> f32 {
+  let h = lowbias32(lowbias32(lowbias32(seed) + pos) + id);
+  return (f32(h >> 9u) * 2.0 + 1.0) / 16777216.0;
+}
+
+fn gumbel(u: f32) -> f32 {
+  return -log(-log(u));
+}
+
+// Keep (v, i) in slot `a` if it beats slot a's entry: higher score, or equal and lower index.
+fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
+  return v > w || (v == w && i < j);
+}
+
+fn reduce(lid: u32) {
+  for (var s = WG / 2u; s > 0u; s /= 2u) {
+    workgroupBarrier();
+    if (lid < s && better(bv[lid + s], bi[lid + s], bv[lid], bi[lid])) {
+      bv[lid] = bv[lid + s];
+      bi[lid] = bi[lid + s];
+    }
+  }
+  workgroupBarrier();
+}
+
+@compute @workgroup_size(WG)
+fn scan(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+  let t = state.temperature;
+  let pos = state.pos + 1u;  // the position of the token being chosen
+  var v = -3.0e38;
+  var idx = 0xFFFFFFFFu;
+  for (var k = 0u; k < PER; k++) {
+    let i = wid.x * WG * PER + k * WG + lid;
+    if (i < V) {
+      var s = logits[i];
+      if (t > 0.0) { s = s / t + gumbel(uniform01(state.seed, pos, i)); }
+      if (better(s, i, v, idx)) { v = s; idx = i; }
+    }
+  }
+  bv[lid] = v;
+  bi[lid] = idx;
+  reduce(lid);
+  if (lid == 0u) { best[wid.x] = vec2u(bitcast<u32>(bv[0]), bi[0]); }
+}
+
+@compute @workgroup_size(WG)
+fn pick(@builtin(local_invocation_index) lid: u32) {
+  let parts = (V + WG * PER - 1u) / (WG * PER);
+  var v = -3.0e38;
+  var idx = 0xFFFFFFFFu;
+  for (var k = lid; k < parts; k += WG) {
+    let b = best[k];
+    if (better(bitcast<f32>(b.x), b.y, v, idx)) { v = bitcast<f32>(b.x); idx = b.y; }
+  }
+  bv[lid] = v;
+  bi[lid] = idx;
+  reduce(lid);
+  if (lid == 0u) {
+    let token = select(bi[0], 0u, bi[0] >= V);  // only if every logit was NaN
+    tokens[state.step] = token;
+    state.token = token;
+    state.pos += 1u;
+    state.step += 1u;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn noise(@builtin(global_invocation_id) gid: vec3u) {
+  let i = gid.x;
+  if (i >= V) { return; }
+  let u = uniform01(state.seed, state.pos, i);
+  best[i] = vec2u(bitcast<u32>(u), bitcast<u32>(gumbel(u)));
+}

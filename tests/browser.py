@@ -1,0 +1,60 @@
+"""Real-browser test support: the anchor app on a loopback port and headless Chromium with WebGPU.
+
+WebGPU runs on SwiftShader (CPU Vulkan) with the flags of DESIGN.md §5. The browser is
+Debian's /usr/bin/chromium (or HPI_CHROMIUM); elsewhere Playwright's own build is used.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--enable-unsafe-webgpu", "--enable-features=Vulkan",
+                 "--use-vulkan=swiftshader", "--use-angle=swiftshader"]
+
+
+def chromium_path() -> str | None:
+    path = os.environ.get("HPI_CHROMIUM", "/usr/bin/chromium")
+    return path if Path(path).exists() else None
+
+
+@contextmanager
+def serve(app):
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120  # the lifespan may build a model pack first
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the anchor app did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@contextmanager
+def launch(webgpu: bool = True):
+    """A headless Chromium (Playwright sync API); without `webgpu`, WebGPU is left off."""
+    from playwright.sync_api import sync_playwright
+
+    args = CHROMIUM_ARGS if webgpu else [a for a in CHROMIUM_ARGS if "webgpu" not in a and "vulkan" not in a.lower()]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
