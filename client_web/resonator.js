@@ -19,7 +19,17 @@ export class NoWebGPUError extends Error {}
 
 const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attention', 'attn_combine', 'sample',
   'holo_unpack'];
-const PLANES = { q4_1: ['d', 'm', 'qs'], q8_0: ['d', 'q'] };
+// The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes:
+// Q4_1 puts a block's f16 scale and minimum in one word, Q8_0 widens its scale to a word.
+const PLANES = {
+  q4_1: (plane) => {
+    const d = new Uint16Array(plane('d').buffer), m = new Uint16Array(plane('m').buffer);
+    const dm = new Uint16Array(2 * d.length);
+    for (let i = 0; i < d.length; i++) { dm[2 * i] = d[i]; dm[2 * i + 1] = m[i]; }
+    return [new Uint8Array(dm.buffer), plane('qs')];
+  },
+  q8_0: (plane) => [new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer), plane('q')],
+};
 const ATTN_CHUNK = 256;    // positions per attention workgroup (attention.wgsl CHUNK)
 const SAMPLE_SPAN = 1024;  // logits per sample.wgsl `scan` workgroup
 const STATE_BYTES = 32;
@@ -39,7 +49,7 @@ function concatBytes(views) {
 
 export class Resonator {
   /** Set up the device; throws NoWebGPUError where WebGPU is missing. */
-  static async create({ shaderBase = '/shaders/', lanes = 4, batch = 4, maxBindingBytes = Infinity } = {}) {
+  static async create({ shaderBase = '/shaders/', gemv = {}, batch = 4, maxBindingBytes = Infinity } = {}) {
     if (!('gpu' in navigator)) {
       throw new NoWebGPUError('This browser does not offer WebGPU (navigator.gpu is missing).');
     }
@@ -60,7 +70,7 @@ export class Resonator {
     })));
     const info = adapter.info || {};
     return new Resonator(device, sources, {
-      lanes, batch,
+      gemv: { WG: 64, ...gemv }, batch,
       bindingBytes: Math.min(maxBindingBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       adapter: `${info.vendor || '?'} / ${info.architecture || '?'}`,
     });
@@ -103,27 +113,25 @@ export class Resonator {
     return this.buffer(words.byteLength, UNIFORM, words);
   }
 
-  /** A matrix [R, C] of the pack (or rows of several stacked) as row chunks of planes. */
+  /** A matrix [R, C] of the pack (or rows of several stacked) as row chunks of GPU planes. */
   matrix(names) {
     const schemes = names.map((n) => this.meta.weights[n]);
     const scheme = schemes[0];
     if (!PLANES[scheme]) throw new Error(`weight scheme ${scheme} of ${names[0]} has no WGSL kernel`);
     if (schemes.some((s) => s !== scheme)) throw new Error(`${names.join(', ')} mix weight schemes ${schemes}`);
-    const planes = PLANES[scheme].map((p) => names.map((n) => this.tensors[`${n}.${p}`]));
-    const rows = planes[0].reduce((n, t) => n + t.shape[0], 0);
-    const cols = this.tensors[`${names[0]}.${PLANES[scheme].at(-1)}`].shape[1] * (scheme === 'q4_1' ? 2 : 1);
-    const rowBytes = planes.map((ts) => ts[0].data.byteLength / ts[0].shape[0]);
-    // Chunk boundaries keep every plane 4-byte aligned: an even row count, so f16 pairs stay whole.
-    let per = Math.floor(this.opts.bindingBytes / Math.max(...rowBytes));
-    per = Math.min(rows, per - (per % 2));
-    if (per < 2) throw new Error(`a row of ${names[0]} does not fit the adapter's binding size`);
-    const whole = planes.map((ts) => concatBytes(ts.map((t) => t.data)));
+    const plane = (p) => concatBytes(names.map((n) => this.tensors[`${n}.${p}`].data));
+    const rows = names.reduce((n, name) => n + this.tensors[`${name}.d`].shape[0], 0);
+    const cols = this.tensors[`${names[0]}.d`].shape[1] * 32;
+    const gpu = PLANES[scheme](plane);
+    const rowBytes = gpu.map((b) => b.byteLength / rows);
+    const per = Math.min(rows, Math.floor(this.opts.bindingBytes / Math.max(...rowBytes)));
+    if (per < 1) throw new Error(`a row of ${names[0]} does not fit the adapter's binding size`);
     const chunks = [];
     for (let row0 = 0; row0 < rows; row0 += per) {
       const n = Math.min(per, rows - row0);
       chunks.push({
         row0, rows: n,
-        planes: whole.map((b, i) => this.upload(b.subarray(row0 * rowBytes[i], (row0 + n) * rowBytes[i]))),
+        planes: gpu.map((b, i) => this.upload(b.subarray(row0 * rowBytes[i], (row0 + n) * rowBytes[i]))),
       });
     }
     return { scheme, rows, cols, chunks };
@@ -152,8 +160,8 @@ export class Resonator {
 
   /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
   gemv(name, m, { x, y, norm = null, mode = 0, rows = m.rows, up = 0 }) {
-    const lanes = this.opts.lanes;
-    const pipe = this.pipeline('gemv', { C: m.cols, LANES: lanes, MODE: mode, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
+    const g = this.opts.gemv;
+    const pipe = this.pipeline('gemv', { C: m.cols, ...g, MODE: mode, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
       { scheme: m.scheme });
     if (mode === 2 && m.chunks.length > 1) throw new Error(`${name} is too large for one binding`);
     return m.chunks.map((c) => {
@@ -161,7 +169,7 @@ export class Resonator {
       const planes = Object.fromEntries(c.planes.map((b, i) => [i, b]));
       const params = this.uniform(new Uint32Array([n, c.row0, up, 0]));
       return [name, pipe, this.bind(pipe, { ...planes, 3: x, 4: norm || x, 5: y, 6: params }),
-        Math.ceil(n / (64 / lanes)), 1];
+        Math.ceil(n / (4 * g.WG)), 1];
     });
   }
 
