@@ -86,8 +86,10 @@ export class Resonator {
     this.nextId = null;
     this.capacity = 0;
     this.closed = false;
+    this.isLost = false;
     this.onLost = null;
     this.lost = device.lost.then((info) => {
+      this.isLost = true;
       if (!this.closed) this.onLost?.(info);
       return info;
     });
