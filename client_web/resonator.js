@@ -48,8 +48,11 @@ function concatBytes(views) {
 }
 
 export class Resonator {
-  /** Set up the device; throws NoWebGPUError where WebGPU is missing. */
-  static async create({ shaderBase = '/shaders/', gemv = {}, batch = 4, maxBindingBytes = Infinity } = {}) {
+  /**
+   * Set up the device; throws NoWebGPUError where WebGPU is missing. Weight matrices are
+   * split into chunks of at most `maxWeightBytes` per plane (default: the adapter's limit).
+   */
+  static async create({ shaderBase = '/shaders/', gemv = {}, batch = 4, maxWeightBytes = Infinity } = {}) {
     if (!('gpu' in navigator)) {
       throw new NoWebGPUError('This browser does not offer WebGPU (navigator.gpu is missing).');
     }
@@ -71,7 +74,8 @@ export class Resonator {
     const info = adapter.info || {};
     return new Resonator(device, sources, {
       gemv: { WG: 64, ...gemv }, batch,
-      bindingBytes: Math.min(maxBindingBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
+      bindingBytes: Math.min(lim.maxStorageBufferBindingSize, lim.maxBufferSize),
+      weightBytes: Math.min(maxWeightBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       adapter: `${info.vendor || '?'} / ${info.architecture || '?'}`,
     });
   }
@@ -115,28 +119,47 @@ export class Resonator {
     return this.buffer(words.byteLength, UNIFORM, words);
   }
 
-  /** A matrix [R, C] of the pack (or rows of several stacked) as row chunks of GPU planes. */
-  matrix(names) {
+  /**
+   * Weight matrices `names` of the pack, stacked by rows, as chunks of GPU planes that fit
+   * the binding size. `paired` (gate and up) keeps row r of both in one chunk, gate rows
+   * first: chunk {row0, rows} holds gate rows [row0, row0 + rows), then the same up rows.
+   */
+  matrix(names, paired = false) {
     const schemes = names.map((n) => this.meta.weights[n]);
     const scheme = schemes[0];
     if (!PLANES[scheme]) throw new Error(`weight scheme ${scheme} of ${names[0]} has no WGSL kernel`);
     if (schemes.some((s) => s !== scheme)) throw new Error(`${names.join(', ')} mix weight schemes ${schemes}`);
-    const plane = (p) => concatBytes(names.map((n) => this.tensors[`${n}.${p}`].data));
-    const rows = names.reduce((n, name) => n + this.tensors[`${name}.d`].shape[0], 0);
-    const cols = this.tensors[`${names[0]}.d`].shape[1] * 32;
-    const gpu = PLANES[scheme](plane);
-    const rowBytes = gpu.map((b) => b.byteLength / rows);
-    const per = Math.min(rows, Math.floor(this.opts.bindingBytes / Math.max(...rowBytes)));
-    if (per < 1) throw new Error(`a row of ${names[0]} does not fit the adapter's binding size`);
+    const tensor = (n, p) => this.tensors[`${n}.${p}`];
+    const counts = names.map((n) => tensor(n, 'd').shape[0]);
+    const cols = tensor(names[0], 'd').shape[1] * 32;
+    // Row slices [name, first, end) -> GPU planes (bytes), via the scheme's re-layout.
+    const planesOf = (slices) => PLANES[scheme]((p) => concatBytes(slices.map(([n, a, b]) => {
+      const t = tensor(n, p);
+      const per = t.data.length / t.shape[0];
+      return t.data.subarray(a * per, b * per);
+    })));
+    const rowBytes = planesOf(names.map((n) => [n, 0, 1])).map((b) => b.byteLength);
+    let per = Math.floor(this.opts.weightBytes / Math.max(...rowBytes));
+    if (paired) per = Math.floor(per / 2);
+    if (per < 1) throw new Error(`rows of ${names[0]} do not fit the adapter's binding size`);
     const chunks = [];
-    for (let row0 = 0; row0 < rows; row0 += per) {
-      const n = Math.min(per, rows - row0);
-      chunks.push({
-        row0, rows: n,
-        planes: gpu.map((b, i) => this.upload(b.subarray(row0 * rowBytes[i], (row0 + n) * rowBytes[i]))),
-      });
+    const total = paired ? counts[0] : counts.reduce((a, b) => a + b, 0);
+    for (let row0 = 0; row0 < total; row0 += per) {
+      const end = Math.min(row0 + per, total);
+      let slices;
+      if (paired) {
+        slices = names.map((n) => [n, row0, end]);
+      } else {  // the stacked rows [row0, end) as slices of each matrix
+        slices = [];
+        names.forEach((n, i) => {
+          const first = counts.slice(0, i).reduce((a, b) => a + b, 0);
+          const a = Math.max(row0, first), b = Math.min(end, first + counts[i]);
+          if (a < b) slices.push([n, a - first, b - first]);
+        });
+      }
+      chunks.push({ row0, rows: end - row0, planes: planesOf(slices).map((bytes) => this.upload(bytes)) });
     }
-    return { scheme, rows, cols, chunks };
+    return { scheme, rows: total, cols, chunks };
   }
 
   // ---- pipelines ---------------------------------------------------------------------------
@@ -161,15 +184,14 @@ export class Resonator {
   }
 
   /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
-  gemv(name, m, { x, y, norm = null, mode = 0, rows = m.rows, up = 0 }) {
+  gemv(name, m, { x, y, norm = null, mode = 0 }) {
     const g = this.opts.gemv;
     const pipe = this.pipeline('gemv', { C: m.cols, ...g, MODE: mode, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
       { scheme: m.scheme });
-    if (mode === 2 && m.chunks.length > 1) throw new Error(`${name} is too large for one binding`);
     return m.chunks.map((c) => {
-      const n = mode === 2 ? rows : c.rows;
+      const n = c.rows;
       const planes = Object.fromEntries(c.planes.map((b, i) => [i, b]));
-      const params = this.uniform(new Uint32Array([n, c.row0, up, 0]));
+      const params = this.uniform(new Uint32Array([n, c.row0, mode === 2 ? n : 0, 0]));
       return [name, pipe, this.bind(pipe, { ...planes, 3: x, 4: norm || x, 5: y, 6: params }),
         Math.ceil(n / (4 * g.WG)), 1];
     });
@@ -205,7 +227,7 @@ export class Resonator {
       this.layers.push({
         attnNorm: f32(p + 'attn_norm'), mlpNorm: f32(p + 'mlp_norm'),
         qkv: this.matrix([p + 'wq', p + 'wk', p + 'wv']), wo: this.matrix([p + 'wo']),
-        gateUp: this.matrix([p + 'w_gate', p + 'w_up']), down: this.matrix([p + 'w_down']),
+        gateUp: this.matrix([p + 'w_gate', p + 'w_up'], true), down: this.matrix([p + 'w_down']),
       });
     }
     this.norm = f32('norm');
@@ -271,7 +293,7 @@ export class Resonator {
 
   /** Every dispatch of a decode step, with bind groups made once: [name, pipeline, group, x, y]. */
   buildPlan() {
-    const { V, DM, H, G, DH, F } = this.cfg;
+    const { V, DM, H, G, DH } = this.cfg;
     const dims = { H, G, DH };
     const embed = this.pipeline('embed', { C: DM }, { scheme: this.embed.scheme });
     this.embedPlan = this.embed.chunks.map((c) => ['embed', embed, this.bind(embed, {
@@ -292,7 +314,7 @@ export class Resonator {
       post: [
         ['attn_combine', combine, this.bind(combine, { 0: this.state, 1: this.part, 2: this.attnOut }), H, 1],
         ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1 }),
-        ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2, rows: F, up: F }),
+        ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2 }),
         ...this.gemv('down', w.down, { x: this.act, y: this.x, mode: 1 }),
       ],
     }));

@@ -197,6 +197,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def root():
         return RedirectResponse("/client/")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}

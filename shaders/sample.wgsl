@@ -39,8 +39,14 @@ fn uniform01(seed: u32, pos: u32, id: u32) -> f32 {
   return (f32(h >> 9u) * 2.0 + 1.0) / 16777216.0;
 }
 
+// -log(-log(u)). Near u = 1, log(u) would lose everything to WGSL's absolute error bound
+// (2^-21 on [0.5, 2]) and could even return 0 (an infinite draw), so -log(u) comes from the
+// series of -log(1 - v), v = 1 - u exact, where v is small.
 fn gumbel(u: f32) -> f32 {
-  return -log(-log(u));
+  let v = 1.0 - u;
+  var e = -log(u);
+  if (v < 0.015625) { e = v * (1.0 + v * (0.5 + v * (1.0 / 3.0 + v * 0.25))); }
+  return -log(e);
 }
 
 // Keep (v, i) in slot `a` if it beats slot a's entry: higher score, or equal and lower index.

@@ -120,7 +120,7 @@ def test_tiny_model_parity_greedy_and_sampled(browser, tiny_server):
 def test_buffers_split_to_the_binding_limit_give_the_same_tokens(browser, tiny_server):
     base, anchor = tiny_server
     s = new_session(base)
-    small = run_engine(browser, base, s, RUNS[:1], maxBindingBytes=4096)
+    small = run_engine(browser, base, s, RUNS[:1], maxWeightBytes=4096)
     assert small["chunks"]["embed"] > 1 and small["chunks"]["lm_head"] > 1
     check_parity(anchor, session_hologram(base, s), small, RUNS[:1])
 
