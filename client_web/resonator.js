@@ -18,7 +18,7 @@ import { loadHologram } from './holo.js';
 export class NoWebGPUError extends Error {}
 
 const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attention', 'attn_combine', 'sample',
-  'holo_unpack'];
+  'holo_basis', 'holo_unpack'];
 // The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes:
 // Q4_1 puts a block's f16 scale and minimum in one word, Q8_0 widens its scale to a word.
 const PLANES = {
@@ -73,7 +73,7 @@ export class Resonator {
     })));
     const info = adapter.info || {};
     return new Resonator(device, sources, {
-      gemv: { WG: 64, ...gemv }, batch,
+      gemv: { WG: 16, ...gemv }, batch,
       bindingBytes: Math.min(lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       weightBytes: Math.min(maxWeightBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       adapter: `${info.vendor || '?'} / ${info.architecture || '?'}`,
@@ -186,15 +186,16 @@ export class Resonator {
   /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
   gemv(name, m, { x, y, norm = null, mode = 0 }) {
     const g = this.opts.gemv;
-    const pipe = this.pipeline('gemv', { C: m.cols, ...g, MODE: mode, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
-      { scheme: m.scheme });
-    return m.chunks.map((c) => {
+    const stage = this.pipeline('gemv', { C: m.cols, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
+      { scheme: m.scheme, entry: 'stage' });
+    const pipe = this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
+    const staged = { 7: this.xi, 8: this.xsum };
+    return [[`${name}`, stage, this.bind(stage, { 3: x, 4: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
       const n = c.rows;
       const planes = Object.fromEntries(c.planes.map((b, i) => [i, b]));
       const params = this.uniform(new Uint32Array([n, c.row0, mode === 2 ? n : 0, 0]));
-      return [name, pipe, this.bind(pipe, { ...planes, 3: x, 4: norm || x, 5: y, 6: params }),
-        Math.ceil(n / (4 * g.WG)), 1];
-    });
+      return [name, pipe, this.bind(pipe, { ...planes, 5: y, 6: params, ...staged }), Math.ceil(n / (4 * g.WG)), 1];
+    })];
   }
 
   // ---- the model pack ----------------------------------------------------------------------
@@ -245,6 +246,8 @@ export class Resonator {
     this.qkvOut = nb((H + 2 * G) * DH);
     this.attnOut = nb(H * DH);
     this.act = nb(F);
+    this.xi = nb(Math.max(DM, F));
+    this.xsum = nb(Math.max(DM, F) / 32);
     this.logits = nb(V);
     this.best = nb(2 * Math.max(V, Math.ceil(V / SAMPLE_SPAN)));
     this.tokens = nb(256);
@@ -384,15 +387,17 @@ export class Resonator {
     const t = Math.min(m.codec.recent, T - s);
     const M = T - s - t;
     this.reserve(m.end + 1);
-    const pipe = this.pipeline('holo_unpack', { DH, G });
+    const basisPipe = this.pipeline('holo_basis', { DH });
+    const unpack = this.pipeline('holo_unpack', { DH, G });
     const temp = [];
+    const keep = (buf) => { temp.push(buf); return buf; };
     const enc = this.device.createCommandEncoder();
     const pass = enc.beginComputePass();
     for (const kind of ['k', 'v']) {
       const x = (p) => holo.tensors[`${kind}.${p}`].data;
-      const head = x('head'), tail = x('tail'), svd = x('svd_vt');
-      const f16s = this.upload(concatBytes([head, tail, svd]));
-      const codes = this.upload(x('codes'));
+      const head = x('head'), tail = x('tail');
+      const f16s = keep(this.upload(concatBytes([head, tail, x('svd_vt')])));
+      const codes = keep(this.upload(x('codes')));
       const rank = x('rank'), step = x('step'), basis = x('basis');
       const table = new ArrayBuffer(L * G * 20);
       const u = new Uint32Array(table), f = new Float32Array(table);
@@ -402,17 +407,21 @@ export class Resonator {
         at += rank[b] * M;
         if (basis[b] === 2) svdRow += rank[b];
       }
-      const blocks = this.upload(new Uint8Array(table));
-      temp.push(f16s, codes, blocks);
+      const blocks = keep(this.upload(new Uint8Array(table)));
       const cal = this.calib[kind];
+      const B = keep(this.buffer(L * G * DH * DH * 4, STORAGE));
+      pass.setPipeline(basisPipe);
+      pass.setBindGroup(0, this.bind(basisPipe, { 0: keep(this.uniform(new Uint32Array([head.length + tail.length,
+        cal.unwhitenAt, 0, 0]))), 1: f16s, 2: blocks, 3: cal.buffer, 4: B }));
+      pass.dispatchWorkgroups(Math.ceil(DH * DH / 64), L * G);
+      if (T === 0) continue;
       for (let l = 0; l < L; l++) {
-        const params = this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
-          head.length + tail.length, cal.unwhitenAt, cal.meanAt, 0, 0]));
-        temp.push(params);
-        pass.setPipeline(pipe);
-        pass.setBindGroup(0, this.bind(pipe, { 0: params, 1: f16s, 2: codes, 3: blocks, 4: cal.buffer, 5: this.rope,
-          6: this.cache[l][kind] }));
-        if (T > 0) pass.dispatchWorkgroups(T, G);
+        const params = keep(this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
+          cal.meanAt])));
+        pass.setPipeline(unpack);
+        pass.setBindGroup(0, this.bind(unpack, { 0: params, 1: f16s, 2: codes, 3: blocks, 4: cal.buffer, 5: B,
+          6: this.rope, 7: this.cache[l][kind] }));
+        pass.dispatchWorkgroups(Math.ceil(T * DH / 2 / 64), G);
       }
     }
     pass.end();

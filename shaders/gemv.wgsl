@@ -2,12 +2,14 @@
 // and one of three epilogues. Needs a weight scheme (q4_1.wgsl / q8_0.wgsl) prepended.
 // Python reference: server/llama.py forward() (rms_norm, the projections, silu(g) * u, residuals).
 //
-// Workgroup: WG invocations, each computing 4 rows WG apart. The input vector is staged once
-// per workgroup in workgroup memory (normalized there when NORM), interleaved per 32-block
-// the way the schemes' block_dot reads it; each invocation loads a block of x once for its
-// 4 rows. Straight-line code on purpose: a software adapter's compiler does not unroll
-// loops or keep small arrays in registers, and loads, not arithmetic, bound the product.
-// Dispatch: ceil(rows / (4 * WG)) workgroups along x.
+// Two entry points, one dispatch each:
+// `stage`: one workgroup of 64 writes x (normalized when NORM) to `xi`, interleaved per
+//          32-block the way the schemes' block_dot reads it, and each block's sum to `xsum`.
+// `main`:  WG invocations per workgroup, each computing 4 rows WG apart and reading each
+//          block of xi once for its 4 rows. No barriers, so a software adapter runs a
+//          workgroup as one loop rather than one coroutine per 4 invocations, and
+//          straight-line code, since its compiler does not unroll loops or keep small
+//          arrays in registers. Dispatch: ceil(rows / (4 * WG)) workgroups along x.
 
 override C: u32;              // input length, a multiple of 32
 override WG: u32 = 64u;
@@ -26,27 +28,27 @@ struct Params {
 @group(0) @binding(4) var<storage, read> norm_w: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<uniform> p: Params;
+@group(0) @binding(7) var<storage, read_write> xi: array<vec4f>;  // block b: 8 vec4, see block_dot
+@group(0) @binding(8) var<storage, read_write> xsum: array<f32>;
 
-var<workgroup> xs: array<vec4f, C / 4u>;  // block b: 8 vec4, see block_dot
-var<workgroup> xsum: array<f32, C / 32u>;
-var<workgroup> red: array<f32, WG>;
+var<workgroup> red: array<f32, 64>;
 
 fn dots(rows: vec4u, b: u32, nb: u32) -> vec4f {
-  let xl = mat4x4f(xs[8u * b], xs[8u * b + 1u], xs[8u * b + 2u], xs[8u * b + 3u]);
-  let xh = mat4x4f(xs[8u * b + 4u], xs[8u * b + 5u], xs[8u * b + 6u], xs[8u * b + 7u]);
+  let xl = mat4x4f(xi[8u * b], xi[8u * b + 1u], xi[8u * b + 2u], xi[8u * b + 3u]);
+  let xh = mat4x4f(xi[8u * b + 4u], xi[8u * b + 5u], xi[8u * b + 6u], xi[8u * b + 7u]);
   let s = xsum[b];
   return vec4f(block_dot(rows.x * nb + b, xl, xh, s), block_dot(rows.y * nb + b, xl, xh, s),
                block_dot(rows.z * nb + b, xl, xh, s), block_dot(rows.w * nb + b, xl, xh, s));
 }
 
-@compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+@compute @workgroup_size(64)
+fn stage(@builtin(local_invocation_index) lid: u32) {
   var scale = 1.0;
   if (NORM) {
     var ss = 0.0;
-    for (var i = lid; i < C; i += WG) { ss += x[i] * x[i]; }
+    for (var i = lid; i < C; i += 64u) { ss += x[i] * x[i]; }
     red[lid] = ss;
-    for (var s = WG / 2u; s > 0u; s /= 2u) {
+    for (var s = 32u; s > 0u; s /= 2u) {
       workgroupBarrier();
       if (lid < s) { red[lid] += red[lid + s]; }
     }
@@ -54,22 +56,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     scale = inverseSqrt(red[0] / f32(C) + EPS);
   }
   // vec4 k of block b holds x[32b + 16(k/4) + k%4 + 4i] in component i
-  for (var v = lid; v < C / 4u; v += WG) {
+  for (var v = lid; v < C / 4u; v += 64u) {
     let base = 32u * (v / 8u) + 16u * ((v % 8u) / 4u) + v % 4u;
     let idx = vec4u(base, base + 4u, base + 8u, base + 12u);
     var xv = vec4f(x[idx.x], x[idx.y], x[idx.z], x[idx.w]);
     if (NORM) { xv = xv * scale * vec4f(norm_w[idx.x], norm_w[idx.y], norm_w[idx.z], norm_w[idx.w]); }
-    xs[v] = xv;
+    xi[v] = xv;
   }
-  workgroupBarrier();
-  let nb = C / 32u;
-  for (var b = lid; b < nb; b += WG) {
-    let s = xs[8u * b] + xs[8u * b + 1u] + xs[8u * b + 2u] + xs[8u * b + 3u]
-          + xs[8u * b + 4u] + xs[8u * b + 5u] + xs[8u * b + 6u] + xs[8u * b + 7u];
-    xsum[b] = s.x + s.y + s.z + s.w;
+  for (var b = lid; b < C / 32u; b += 64u) {
+    var s = 0.0;
+    for (var j = 32u * b; j < 32u * b + 32u; j++) { s += select(x[j], x[j] * scale * norm_w[j], NORM); }
+    xsum[b] = s;
   }
-  workgroupBarrier();
+}
 
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+  let nb = C / 32u;
   let first = wid.x * 4u * WG + lid;
   let want = vec4u(first, first + WG, first + 2u * WG, first + 3u * WG);
   let rows = min(want, vec4u(p.rows - 1u));  // rows past the end compute a valid row, then drop it
