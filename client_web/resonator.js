@@ -17,7 +17,7 @@ import { loadHologram } from './holo.js';
 
 export class NoWebGPUError extends Error {}
 
-const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attention', 'attn_combine', 'sample',
+const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values', 'sample',
   'holo_basis', 'holo_unpack'];
 // The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes:
 // Q4_1 puts a block's f16 scale and minimum in one word, Q8_0 widens its scale to a word.
@@ -30,7 +30,8 @@ const PLANES = {
   },
   q8_0: (plane) => [new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer), plane('q')],
 };
-const ATTN_CHUNK = 256;    // positions per attention workgroup (attention.wgsl CHUNK)
+const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
+const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
 const SAMPLE_SPAN = 1024;  // logits per sample.wgsl `scan` workgroup
 const STATE_BYTES = 32;
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
@@ -184,9 +185,9 @@ export class Resonator {
   }
 
   /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
-  gemv(name, m, { x, y, norm = null, mode = 0 }) {
+  gemv(name, m, { x, y, norm = null, mode = 0, slices = 1 }) {
     const g = this.opts.gemv;
-    const stage = this.pipeline('gemv', { C: m.cols, NORM: norm ? 1 : 0, EPS: this.cfg.eps },
+    const stage = this.pipeline('gemv', { C: m.cols, NORM: norm ? 1 : 0, EPS: this.cfg.eps, SLICES: slices },
       { scheme: m.scheme, entry: 'stage' });
     const pipe = this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
     const staged = { 7: this.xi, 8: this.xsum };
@@ -213,7 +214,9 @@ export class Resonator {
     this.cfg = { V: c.vocab, DM: c.hidden, L: c.layers, H: c.heads, G: c.kv_heads, DH: c.head_dim,
       F: c.intermediate, eps: c.eps };
     const { V, DM, L, H, G, DH, F } = this.cfg;
-    if (DH > 64 || DH % 2 || DM % 32 || F % 32) throw new Error(`unsupported shape: head_dim ${DH}, hidden ${DM}`);
+    if (DH > 64 || DH % 8 || DM % 32 || F % 32 || H % G || H / G > 4 || H > 64) {
+      throw new Error(`unsupported shape: heads ${H}/${G}, head_dim ${DH}, hidden ${DM}, intermediate ${F}`);
+    }
     this.eos = new Set(holo.meta.eos_ids);
     this.vocabBytes = holo.tensors['vocab.bytes'].data.slice();
     this.vocabOffsets = holo.tensors['vocab.offsets'].data.slice();
@@ -244,7 +247,8 @@ export class Resonator {
     this.state = nb(STATE_BYTES / 4);
     this.x = nb(DM);
     this.qkvOut = nb((H + 2 * G) * DH);
-    this.attnOut = nb(H * DH);
+    this.attnOut = nb(ATTN_SLICES * H * DH);
+    this.sums = nb(H);
     this.act = nb(F);
     this.xi = nb(Math.max(DM, F));
     this.xsum = nb(Math.max(DM, F) / 32);
@@ -259,7 +263,7 @@ export class Resonator {
   reserve(positions) {
     if (positions <= this.capacity) return;
     const { L, G, DH } = this.cfg;
-    const cap = Math.max(align(positions, ATTN_CHUNK), 2 * this.capacity);
+    const cap = Math.max(align(positions, KEYS_PER_WORKGROUP), 2 * this.capacity);
     const bytes = cap * G * DH * 4;
     if (bytes > this.opts.bindingBytes) throw new Error(`a KV cache of ${cap} positions exceeds the adapter's binding size`);
     const enc = this.device.createCommandEncoder();
@@ -274,8 +278,8 @@ export class Resonator {
     old.forEach((c) => { c.k.destroy(); c.v.destroy(); });
     this.rope?.destroy();
     this.rope = this.upload(this.ropeTable(cap));
-    this.part?.destroy();
-    this.part = this.buffer((cap / ATTN_CHUNK) * this.cfg.H * (2 + DH) * 4, STORAGE);
+    this.scores?.destroy();
+    this.scores = this.buffer(cap * this.cfg.H * 4, STORAGE);
     this.capacity = cap;
     this.buildPlan();
   }
@@ -304,19 +308,22 @@ export class Resonator {
       4: this.uniform(new Uint32Array([c.row0, c.rows, 0, 0])), 5: this.x,
     }), 1, 1]);
     const rope = this.pipeline('rope_append', dims);
-    const attn = this.pipeline('attention', { ...dims, CHUNK: ATTN_CHUNK, SCALE: Math.fround(1 / Math.sqrt(DH)) });
-    const combine = this.pipeline('attn_combine', { H, DH, CHUNK: ATTN_CHUNK });
+    const scores = this.pipeline('attn_scores', { ...dims, SCALE: Math.fround(1 / Math.sqrt(DH)) });
+    const softmax = this.pipeline('attn_softmax', { H });
+    const values = this.pipeline('attn_values', { ...dims, SLICES: ATTN_SLICES });
     this.layerPlans = this.layers.map((w, l) => ({
       pre: [
         ...this.gemv('qkv', w.qkv, { x: this.x, y: this.qkvOut, norm: w.attnNorm }),
         ['rope_append', rope, this.bind(rope, { 0: this.state, 1: this.rope, 2: this.qkvOut, 3: this.cache[l].k,
           4: this.cache[l].v }), Math.ceil(Math.max((H + G) * DH / 2, G * DH) / 64), 1],
       ],
-      attn: ['attention', attn, this.bind(attn, { 0: this.state, 1: this.qkvOut, 2: this.cache[l].k,
-        3: this.cache[l].v, 4: this.part })],
+      scores: ['attn_scores', scores, this.bind(scores, { 0: this.state, 1: this.qkvOut, 2: this.cache[l].k,
+        3: this.scores })],
       post: [
-        ['attn_combine', combine, this.bind(combine, { 0: this.state, 1: this.part, 2: this.attnOut }), H, 1],
-        ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1 }),
+        ['attn_softmax', softmax, this.bind(softmax, { 0: this.state, 1: this.scores, 2: this.sums }), H, 1],
+        ['attn_values', values, this.bind(values, { 0: this.state, 1: this.scores, 2: this.sums,
+          3: this.cache[l].v, 4: this.attnOut }), Math.ceil(G * DH / 4 / 64), ATTN_SLICES],
+        ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1, slices: ATTN_SLICES }),
         ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2 }),
         ...this.gemv('down', w.down, { x: this.act, y: this.x, mode: 1 }),
       ],
@@ -332,10 +339,10 @@ export class Resonator {
 
   /** The dispatches of one step feeding the token at `pos`; `head` adds the LM head and sampling. */
   stepPlan(pos, head = true) {
-    const chunks = Math.ceil((pos + 1) / ATTN_CHUNK);
+    const groups = Math.ceil((pos + 1) / KEYS_PER_WORKGROUP);
     const out = [...this.embedPlan];
     for (const lp of this.layerPlans) {
-      out.push(...lp.pre, [...lp.attn, chunks, this.cfg.G], ...lp.post);
+      out.push(...lp.pre, [...lp.scores, groups, this.cfg.G], ...lp.post);
     }
     if (head) out.push(...this.headPlan);
     return out;
@@ -421,7 +428,7 @@ export class Resonator {
         pass.setPipeline(unpack);
         pass.setBindGroup(0, this.bind(unpack, { 0: params, 1: f16s, 2: codes, 3: blocks, 4: cal.buffer, 5: B,
           6: this.rope, 7: this.cache[l][kind] }));
-        pass.dispatchWorkgroups(Math.ceil(T * DH / 2 / 64), G);
+        pass.dispatchWorkgroups(Math.ceil(T * DH / 8 / 64), G);
       }
     }
     pass.end();

@@ -3,8 +3,9 @@
 // Python reference: server/llama.py forward() (rms_norm, the projections, silu(g) * u, residuals).
 //
 // Two entry points, one dispatch each:
-// `stage`: one workgroup of 64 writes x (normalized when NORM) to `xi`, interleaved per
-//          32-block the way the schemes' block_dot reads it, and each block's sum to `xsum`.
+// `stage`: one workgroup of 64 writes x (summed over its SLICES parts, then normalized when
+//          NORM) to `xi`, interleaved per 32-block the way the schemes' block_dot reads it,
+//          and each block's sum to `xsum`.
 // `main`:  WG invocations per workgroup, each computing 4 rows WG apart and reading each
 //          block of xi once for its 4 rows. No barriers, so a software adapter runs a
 //          workgroup as one loop rather than one coroutine per 4 invocations, and
@@ -15,6 +16,7 @@ override C: u32;              // input length, a multiple of 32
 override WG: u32 = 64u;
 override MODE: u32 = 0u;      // 0: y[r] = W x   1: y[r] += W x   2: y[r] = silu(W_r x) * (W_{r+up} x)
 override NORM: bool = false;  // x <- x * rsqrt(mean(x^2) + EPS) * norm_w before the product
+override SLICES: u32 = 1u;    // x arrives as SLICES partial sums, one after the other
 override EPS: f32 = 1e-5;
 
 struct Params {
@@ -24,7 +26,7 @@ struct Params {
   _pad: u32,
 }
 
-@group(0) @binding(3) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> x: array<f32>;  // [SLICES, C]
 @group(0) @binding(4) var<storage, read> norm_w: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<uniform> p: Params;
@@ -41,12 +43,18 @@ fn dots(rows: vec4u, b: u32, nb: u32) -> vec4f {
                block_dot(rows.z * nb + b, xl, xh, s), block_dot(rows.w * nb + b, xl, xh, s));
 }
 
+fn x_at(i: u32) -> f32 {
+  var v = x[i];
+  for (var s = 1u; s < SLICES; s++) { v += x[s * C + i]; }
+  return v;
+}
+
 @compute @workgroup_size(64)
 fn stage(@builtin(local_invocation_index) lid: u32) {
   var scale = 1.0;
   if (NORM) {
     var ss = 0.0;
-    for (var i = lid; i < C; i += 64u) { ss += x[i] * x[i]; }
+    for (var i = lid; i < C; i += 64u) { ss += x_at(i) * x_at(i); }
     red[lid] = ss;
     for (var s = 32u; s > 0u; s /= 2u) {
       workgroupBarrier();
@@ -59,13 +67,13 @@ fn stage(@builtin(local_invocation_index) lid: u32) {
   for (var v = lid; v < C / 4u; v += 64u) {
     let base = 32u * (v / 8u) + 16u * ((v % 8u) / 4u) + v % 4u;
     let idx = vec4u(base, base + 4u, base + 8u, base + 12u);
-    var xv = vec4f(x[idx.x], x[idx.y], x[idx.z], x[idx.w]);
+    var xv = vec4f(x_at(idx.x), x_at(idx.y), x_at(idx.z), x_at(idx.w));
     if (NORM) { xv = xv * scale * vec4f(norm_w[idx.x], norm_w[idx.y], norm_w[idx.z], norm_w[idx.w]); }
     xi[v] = xv;
   }
   for (var b = lid; b < C / 32u; b += 64u) {
     var s = 0.0;
-    for (var j = 32u * b; j < 32u * b + 32u; j++) { s += select(x[j], x[j] * scale * norm_w[j], NORM); }
+    for (var j = 32u * b; j < 32u * b + 32u; j++) { s += select(x_at(j), x_at(j) * scale * norm_w[j], NORM); }
     xsum[b] = s;
   }
 }

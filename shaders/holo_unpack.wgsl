@@ -4,9 +4,9 @@
 // rotated back to their true positions. Layout: protocol/SPEC.md, "Conversation hologram".
 // Python reference: server/spectral.py decode().
 //
-// Workgroup: 64 invocations; invocation t * Dh/2 + i of workgroup row g writes dimensions
-// i and i + Dh/2 (a RoPE pair) of segment token t, KV head g. Dispatch: (ceil(T * Dh/2 / 64), G)
-// per layer and kind.
+// Workgroup: 64 invocations; invocation t * Dh/8 + j of workgroup row g writes dimensions
+// 4j..4j+3 and the same + Dh/2 (their RoPE partners) of segment token t, KV head g, as
+// vec4s. Dispatch: (ceil(T * Dh/8 / 64), G) per layer and kind.
 
 override DH: u32;
 override G: u32;
@@ -28,13 +28,14 @@ struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
 @group(0) @binding(1) var<storage, read> f16s: array<u32>;   // head [L,G,s,Dh] | tail [L,G,t,Dh] | svd_vt
 @group(0) @binding(2) var<storage, read> codes: array<u32>;  // i8, four per word
 @group(0) @binding(3) var<storage, read> blocks: array<Block>;
-@group(0) @binding(4) var<storage, read> calib: array<f32>;
-@group(0) @binding(5) var<storage, read> basis: array<f32>;  // holo_basis.wgsl's B per block
-@group(0) @binding(6) var<storage, read> rope: array<vec2f>;  // [position][Dh/2] (cos, sin)
-@group(0) @binding(7) var<storage, read_write> cache: array<f32>;  // [capacity, G, Dh]
+@group(0) @binding(4) var<storage, read> calib: array<vec4f>;
+@group(0) @binding(5) var<storage, read> basis: array<vec4f>;  // holo_basis.wgsl's B per block
+@group(0) @binding(6) var<storage, read> rope: array<vec2f>;   // [position][Dh/2] (cos, sin)
+@group(0) @binding(7) var<storage, read_write> cache: array<vec4f>;  // [capacity, G, Dh]
 
-fn half_at(i: u32) -> f32 {
-  return unpack2x16float(f16s[i >> 1u])[i & 1u];
+// Four f16 values from half index i (even).
+fn halves(i: u32) -> vec4f {
+  return vec4f(unpack2x16float(f16s[i >> 1u]), unpack2x16float(f16s[(i >> 1u) + 1u]));
 }
 
 fn code_at(byte: u32) -> f32 {
@@ -44,43 +45,52 @@ fn code_at(byte: u32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let hd = DH / 2u;
-  let t = gid.x / hd;
-  let i = gid.x % hd;
+  let t = gid.x / (hd / 4u);
+  let i = 4u * (gid.x % (hd / 4u));
   let g = gid.y;
   if (t >= p.total) { return; }
   let lg = p.layer * G + g;
-  let out = (p.start + t) * G * DH + g * DH + i;
+  let out = ((p.start + t) * G * DH + g * DH + i) / 4u;
+  let o2 = out + hd / 4u;
   let mid = p.total - p.head - p.tail;
   if (t < p.head) {
     let at = (lg * p.head + t) * DH + i;
-    cache[out] = half_at(at);
-    cache[out + hd] = half_at(at + hd);
+    cache[out] = halves(at);
+    cache[o2] = halves(at + hd);
     return;
   }
   if (t >= p.head + mid) {
     let at = p.tail_at + (lg * p.tail + t - p.head - mid) * DH + i;
-    cache[out] = half_at(at);
-    cache[out + hd] = half_at(at + hd);
+    cache[out] = halves(at);
+    cache[o2] = halves(at + hd);
     return;
   }
   let m = t - p.head;
   let blk = blocks[lg];
-  let b = lg * DH * DH;
-  var a = 0.0;
-  var c = 0.0;
+  let b = (lg * DH * DH + i) / 4u;
+  let row = DH / 4u;
+  var a = vec4f(0.0);
+  var c = vec4f(0.0);
   for (var r = 0u; r < blk.rank; r++) {
     let code = code_at(blk.codes_at + r * mid + m);
-    a += code * basis[b + r * DH + i];
-    c += code * basis[b + r * DH + i + hd];
+    a += code * basis[b + r * row];
+    c += code * basis[b + r * row + hd / 4u];
   }
-  a = a * blk.step + calib[p.mean_at + lg * DH + i];
-  c = c * blk.step + calib[p.mean_at + lg * DH + i + hd];
+  let mean = (p.mean_at + lg * DH + i) / 4u;
+  a = a * blk.step + calib[mean];
+  c = c * blk.step + calib[mean + hd / 4u];
   if (p.is_key == 1u) {
-    let cs = rope[(p.start + t) * hd + i];
-    let ra = a * cs.x - c * cs.y;
-    c = c * cs.x + a * cs.y;
+    let at = (p.start + t) * hd + i;
+    let r0 = rope[at];
+    let r1 = rope[at + 1u];
+    let r2 = rope[at + 2u];
+    let r3 = rope[at + 3u];
+    let cs = vec4f(r0.x, r1.x, r2.x, r3.x);
+    let sn = vec4f(r0.y, r1.y, r2.y, r3.y);
+    let ra = a * cs - c * sn;
+    c = c * cs + a * sn;
     a = ra;
   }
   cache[out] = a;
-  cache[out + hd] = c;
+  cache[o2] = c;
 }
