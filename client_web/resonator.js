@@ -32,7 +32,7 @@ const PLANES = {
 };
 const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
 const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
-const SAMPLE_SPAN = 1024;  // logits per sample.wgsl `scan` workgroup
+const SAMPLE_SPAN = 4096;  // logits per sample.wgsl `scan` workgroup (64 invocations x 64)
 const STATE_BYTES = 32;
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
 
@@ -528,7 +528,7 @@ export class Resonator {
     const pass = enc.beginComputePass();
     pass.setPipeline(pipe);
     pass.setBindGroup(0, this.bind(pipe, { 0: this.state, 2: this.best }));
-    pass.dispatchWorkgroups(Math.ceil(this.cfg.V / 256));
+    pass.dispatchWorkgroups(Math.ceil(this.cfg.V / 64));
     pass.end();
     this.device.queue.submit([enc.finish()]);
     return new Uint32Array(await this.read(this.best, this.cfg.V * 8));

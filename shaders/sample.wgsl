@@ -3,12 +3,13 @@
 // bit-identical to numpy for the uniform u (log is not bit-exact across platforms).
 // Python reference: server/sampling.py choose(), uniform().
 //
-// `scan`:    workgroup of 256 invocations scans 4 * 256 logits; invocation i reads
-//            i, i + 256, ... and the workgroup reduces to one (score, index).
-//            Dispatch: ceil(V / 1024).
-// `pick`:    one workgroup of 256 reduces the partial bests, records the token and
-//            advances the state (the position of the token fed next). Dispatch: 1.
-// `noise`:   u and Gumbel noise for every token id at (seed, pos); used by the tests.
+// `scan`:  invocation i scores logits [64i, 64i + 64) in order and writes its best; no
+//           barriers, so a software adapter runs each workgroup as one loop.
+//           Dispatch: ceil(V / 64 / 64) workgroups of 64.
+// `pick`:   one workgroup of 64 reduces the ceil(V / 64) strip bests (a strided share
+//           each, then a tree through workgroup memory), records the token and advances
+//           the state (the position of the token fed next). Dispatch: 1.
+// `noise`:  u and Gumbel noise for every token id at (seed, pos); used by the tests.
 
 override V: u32;
 
@@ -19,8 +20,8 @@ struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
 @group(0) @binding(2) var<storage, read_write> best: array<vec2u>;  // (score bits, index) per workgroup
 @group(0) @binding(3) var<storage, read_write> tokens: array<u32>;  // token chosen at each step
 
-const WG = 256u;
-const PER = 4u;
+const WG = 64u;
+const STRIP = 64u;  // logits per scan invocation
 var<workgroup> bv: array<f32, WG>;
 var<workgroup> bi: array<u32, WG>;
 
@@ -66,28 +67,24 @@ fn reduce(lid: u32) {
 }
 
 @compute @workgroup_size(WG)
-fn scan(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+fn scan(@builtin(global_invocation_id) gid: vec3u) {
+  let first = gid.x * STRIP;
+  if (first >= V) { return; }
   let t = state.temperature;
   let pos = state.pos + 1u;  // the position of the token being chosen
   var v = -3.0e38;
   var idx = 0xFFFFFFFFu;
-  for (var k = 0u; k < PER; k++) {
-    let i = wid.x * WG * PER + k * WG + lid;
-    if (i < V) {
-      var s = logits[i];
-      if (t > 0.0) { s = s / t + gumbel(uniform01(state.seed, pos, i)); }
-      if (better(s, i, v, idx)) { v = s; idx = i; }
-    }
+  for (var i = first; i < min(first + STRIP, V); i++) {
+    var s = logits[i];
+    if (t > 0.0) { s = s / t + gumbel(uniform01(state.seed, pos, i)); }
+    if (s > v) { v = s; idx = i; }
   }
-  bv[lid] = v;
-  bi[lid] = idx;
-  reduce(lid);
-  if (lid == 0u) { best[wid.x] = vec2u(bitcast<u32>(bv[0]), bi[0]); }
+  best[gid.x] = vec2u(bitcast<u32>(v), idx);
 }
 
 @compute @workgroup_size(WG)
 fn pick(@builtin(local_invocation_index) lid: u32) {
-  let parts = (V + WG * PER - 1u) / (WG * PER);
+  let parts = (V + STRIP - 1u) / STRIP;
   var v = -3.0e38;
   var idx = 0xFFFFFFFFu;
   for (var k = lid; k < parts; k += WG) {
