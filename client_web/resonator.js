@@ -395,7 +395,8 @@ export class Resonator {
     const M = T - s - t;
     this.reserve(m.end + 1);
     const basisPipe = this.pipeline('holo_basis', { DH });
-    const unpack = this.pipeline('holo_unpack', { DH, G });
+    const exact = this.pipeline('holo_unpack', { DH, G }, { entry: 'exact' });
+    const coded = this.pipeline('holo_unpack', { DH, G }, { entry: 'coded' });
     const temp = [];
     const keep = (buf) => { temp.push(buf); return buf; };
     const enc = this.device.createCommandEncoder();
@@ -404,7 +405,7 @@ export class Resonator {
       const x = (p) => holo.tensors[`${kind}.${p}`].data;
       const head = x('head'), tail = x('tail');
       const f16s = keep(this.upload(concatBytes([head, tail, x('svd_vt')])));
-      const codes = keep(this.upload(x('codes')));
+      const codes = keep(this.upload(concatBytes([x('codes'), new Uint8Array(4)])));  // codes4 reads a word past
       const rank = x('rank'), step = x('step'), basis = x('basis');
       const table = new ArrayBuffer(L * G * 20);
       const u = new Uint32Array(table), f = new Float32Array(table);
@@ -425,10 +426,16 @@ export class Resonator {
       for (let l = 0; l < L; l++) {
         const params = keep(this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
           cal.meanAt])));
-        pass.setPipeline(unpack);
-        pass.setBindGroup(0, this.bind(unpack, { 0: params, 1: f16s, 2: codes, 3: blocks, 4: cal.buffer, 5: B,
-          6: this.rope, 7: this.cache[l][kind] }));
-        pass.dispatchWorkgroups(Math.ceil(T * DH / 8 / 64), G);
+        const out = this.cache[l][kind];
+        for (const [pipe, items, group] of [
+          [exact, s + t, { 0: params, 1: f16s, 7: out }],
+          [coded, Math.ceil(M / 4), { 0: params, 2: codes, 3: blocks, 4: cal.buffer, 5: B, 6: this.rope, 7: out }],
+        ]) {
+          if (!items) continue;
+          pass.setPipeline(pipe);
+          pass.setBindGroup(0, this.bind(pipe, group));
+          pass.dispatchWorkgroups(Math.ceil(items * DH / 8 / 64), G);
+        }
       }
     }
     pass.end();

@@ -4,9 +4,13 @@
 // rotated back to their true positions. Layout: protocol/SPEC.md, "Conversation hologram".
 // Python reference: server/spectral.py decode().
 //
-// Workgroup: 64 invocations; invocation t * Dh/8 + j of workgroup row g writes dimensions
-// 4j..4j+3 and the same + Dh/2 (their RoPE partners) of segment token t, KV head g, as
-// vec4s. Dispatch: (ceil(T * Dh/8 / 64), G) per layer and kind.
+// `exact`: invocation e * Dh/8 + j of workgroup row g copies dimensions 4j..4j+3 and the
+//          same + Dh/2 of the e-th exact token (head, then tail) of KV head g.
+//          Dispatch: (ceil((s + t) * Dh/8 / 64), G) per layer and kind.
+// `coded`: invocation q * Dh/8 + j of row g rebuilds the same dimensions (a RoPE pair of
+//          vec4s) of coded tokens 4q..4q+3, so each basis row is loaded once for 4 tokens.
+//          Dispatch: (ceil(ceil(M / 4) * Dh/8 / 64), G) per layer and kind.
+// Workgroups of 64 invocations, no barriers.
 
 override DH: u32;
 override G: u32;
@@ -26,7 +30,7 @@ struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> f16s: array<u32>;   // head [L,G,s,Dh] | tail [L,G,t,Dh] | svd_vt
-@group(0) @binding(2) var<storage, read> codes: array<u32>;  // i8, four per word
+@group(0) @binding(2) var<storage, read> codes: array<u32>;  // i8, four per word, one spare word at the end
 @group(0) @binding(3) var<storage, read> blocks: array<Block>;
 @group(0) @binding(4) var<storage, read> calib: array<vec4f>;
 @group(0) @binding(5) var<storage, read> basis: array<vec4f>;  // holo_basis.wgsl's B per block
@@ -38,47 +42,44 @@ fn halves(i: u32) -> vec4f {
   return vec4f(unpack2x16float(f16s[i >> 1u]), unpack2x16float(f16s[(i >> 1u) + 1u]));
 }
 
-fn code_at(byte: u32) -> f32 {
-  return f32(unpack4xI8(codes[byte >> 2u])[byte & 3u]);
+// The four signed codes at bytes byte .. byte+3 (any alignment).
+fn codes4(byte: u32) -> vec4f {
+  let w = byte >> 2u;
+  let sh = (byte & 3u) * 8u;
+  let v = select((codes[w] >> sh) | (codes[w + 1u] << (32u - sh)), codes[w], sh == 0u);
+  return vec4f(unpack4xI8(v));
+}
+
+// Cache index (in vec4s) of dimensions i..i+3 of segment token t, KV head g.
+fn slot(t: u32, g: u32, i: u32) -> u32 {
+  return ((p.start + t) * G * DH + g * DH + i) / 4u;
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3u) {
+fn exact(@builtin(global_invocation_id) gid: vec3u) {
   let hd = DH / 2u;
-  let t = gid.x / (hd / 4u);
+  let e = gid.x / (hd / 4u);
   let i = 4u * (gid.x % (hd / 4u));
   let g = gid.y;
-  if (t >= p.total) { return; }
+  if (e >= p.head + p.tail) { return; }
   let lg = p.layer * G + g;
-  let out = ((p.start + t) * G * DH + g * DH + i) / 4u;
-  let o2 = out + hd / 4u;
-  let mid = p.total - p.head - p.tail;
-  if (t < p.head) {
-    let at = (lg * p.head + t) * DH + i;
-    cache[out] = halves(at);
-    cache[o2] = halves(at + hd);
-    return;
+  var at = (lg * p.head + e) * DH + i;
+  var t = e;
+  if (e >= p.head) {
+    at = p.tail_at + (lg * p.tail + e - p.head) * DH + i;
+    t = p.total - p.tail + e - p.head;
   }
-  if (t >= p.head + mid) {
-    let at = p.tail_at + (lg * p.tail + t - p.head - mid) * DH + i;
-    cache[out] = halves(at);
-    cache[o2] = halves(at + hd);
-    return;
-  }
-  let m = t - p.head;
-  let blk = blocks[lg];
-  let b = (lg * DH * DH + i) / 4u;
-  let row = DH / 4u;
-  var a = vec4f(0.0);
-  var c = vec4f(0.0);
-  for (var r = 0u; r < blk.rank; r++) {
-    let code = code_at(blk.codes_at + r * mid + m);
-    a += code * basis[b + r * row];
-    c += code * basis[b + r * row + hd / 4u];
-  }
-  let mean = (p.mean_at + lg * DH + i) / 4u;
-  a = a * blk.step + calib[mean];
-  c = c * blk.step + calib[mean + hd / 4u];
+  let o = slot(t, g, i);
+  cache[o] = halves(at);
+  cache[o + hd / 4u] = halves(at + hd);
+}
+
+// x = step * sum + mean for the RoPE pair (a: dims i..i+3, c: the same + Dh/2), rotated for keys.
+fn finish(t: u32, g: u32, i: u32, blk: Block, a_sum: vec4f, c_sum: vec4f) {
+  let hd = DH / 2u;
+  let mean = (p.mean_at + (p.layer * G + g) * DH + i) / 4u;
+  var a = a_sum * blk.step + calib[mean];
+  var c = c_sum * blk.step + calib[mean + hd / 4u];
   if (p.is_key == 1u) {
     let at = (p.start + t) * hd + i;
     let r0 = rope[at];
@@ -91,6 +92,48 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
     c = c * cs + a * sn;
     a = ra;
   }
-  cache[out] = a;
-  cache[o2] = c;
+  let o = slot(t, g, i);
+  cache[o] = a;
+  cache[o + hd / 4u] = c;
+}
+
+@compute @workgroup_size(64)
+fn coded(@builtin(global_invocation_id) gid: vec3u) {
+  let hd = DH / 2u;
+  let q = gid.x / (hd / 4u);
+  let i = 4u * (gid.x % (hd / 4u));
+  let g = gid.y;
+  let mid = p.total - p.head - p.tail;
+  let m0 = 4u * q;
+  if (m0 >= mid) { return; }
+  let lg = p.layer * G + g;
+  let blk = blocks[lg];
+  let b = (lg * DH * DH + i) / 4u;
+  let row = DH / 4u;
+  var a0 = vec4f(0.0);
+  var a1 = vec4f(0.0);
+  var a2 = vec4f(0.0);
+  var a3 = vec4f(0.0);
+  var c0 = vec4f(0.0);
+  var c1 = vec4f(0.0);
+  var c2 = vec4f(0.0);
+  var c3 = vec4f(0.0);
+  for (var r = 0u; r < blk.rank; r++) {
+    let k = codes4(blk.codes_at + r * mid + m0);  // codes past mid belong to the next row: unused
+    let ba = basis[b + r * row];
+    let bc = basis[b + r * row + hd / 4u];
+    a0 += k.x * ba;
+    c0 += k.x * bc;
+    a1 += k.y * ba;
+    c1 += k.y * bc;
+    a2 += k.z * ba;
+    c2 += k.z * bc;
+    a3 += k.w * ba;
+    c3 += k.w * bc;
+  }
+  let t0 = p.head + m0;
+  finish(t0, g, i, blk, a0, c0);
+  if (m0 + 1u < mid) { finish(t0 + 1u, g, i, blk, a1, c1); }
+  if (m0 + 2u < mid) { finish(t0 + 2u, g, i, blk, a2, c2); }
+  if (m0 + 3u < mid) { finish(t0 + 3u, g, i, blk, a3, c3); }
 }
