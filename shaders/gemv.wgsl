@@ -4,8 +4,8 @@
 //
 // Two entry points, one dispatch each:
 // `stage`: one workgroup of 64 writes x (summed over its SLICES parts, then normalized when
-//          NORM) to `xi`, interleaved per 32-block the way the schemes' block_dot reads it,
-//          and each block's sum to `xsum`.
+//          NORM) to `xi`, interleaved per 32-block the way the schemes' block_dot reads it
+//          and scaled by their x_scale, and each block's sum (unscaled) to `xsum`.
 // `main`:  WG invocations per workgroup, each computing 4 rows WG apart and reading each
 //          block of xi once for its 4 rows. No barriers, so a software adapter runs a
 //          workgroup as one loop rather than one coroutine per 4 invocations, and
@@ -69,7 +69,7 @@ fn stage(@builtin(local_invocation_index) lid: u32) {
     let idx = vec4u(base, base + 4u, base + 8u, base + 12u);
     var xv = vec4f(x_at(idx.x), x_at(idx.y), x_at(idx.z), x_at(idx.w));
     if (NORM) { xv = xv * scale * vec4f(norm_w[idx.x], norm_w[idx.y], norm_w[idx.z], norm_w[idx.w]); }
-    xi[v] = xv;
+    xi[v] = xv * x_scale(v % 8u);
   }
   for (var b = lid; b < C / 32u; b += 64u) {
     var s = 0.0;

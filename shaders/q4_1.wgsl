@@ -10,16 +10,22 @@
 // sum_j w[j] x[j] over block `blk` (row-major block index), with x given in the interleaved
 // order gemv.wgsl stages it in: column k of xl is (x[k], x[k+4], x[k+8], x[k+12]), column k
 // of xh the same 16 further on, so byte k of the four words lines up with column k.
-// w = d*q + m, so the sum is d * (q . x) + m * xsum: one multiply-add per weight.
+// A nibble is used where it lies, masked but not shifted down: as a float it is q * 2^s
+// (exact), and the staged x carries the matching 2^-s (x_scale), so the products are exactly
+// q * x with one operation per weight fewer. w = d*q + m, so the sum is d * (q . x) + m * xsum.
 fn block_dot(blk: u32, xl: mat4x4f, xh: mat4x4f, xsum: f32) -> f32 {
   let dm = unpack2x16float(w_dm[blk]);
   let q = w_qs[blk];
-  let n = vec4u(15u);
-  let s = dot(vec4f(q & n), xl[0]) + dot(vec4f((q >> vec4u(8u)) & n), xl[1])
-        + dot(vec4f((q >> vec4u(16u)) & n), xl[2]) + dot(vec4f((q >> vec4u(24u)) & n), xl[3])
-        + dot(vec4f((q >> vec4u(4u)) & n), xh[0]) + dot(vec4f((q >> vec4u(12u)) & n), xh[1])
-        + dot(vec4f((q >> vec4u(20u)) & n), xh[2]) + dot(vec4f(q >> vec4u(28u)), xh[3]);
+  let s = dot(vec4f(q & vec4u(0xFu)), xl[0]) + dot(vec4f(q & vec4u(0xF00u)), xl[1])
+        + dot(vec4f(q & vec4u(0xF0000u)), xl[2]) + dot(vec4f(q & vec4u(0xF000000u)), xl[3])
+        + dot(vec4f(q & vec4u(0xF0u)), xh[0]) + dot(vec4f(q & vec4u(0xF000u)), xh[1])
+        + dot(vec4f(q & vec4u(0xF00000u)), xh[2]) + dot(vec4f(q & vec4u(0xF0000000u)), xh[3]);
   return dm.x * s + dm.y * xsum;
+}
+
+// The factor gemv.wgsl's stage applies to staged column k (0..7) of a block: 2^-(bit offset).
+fn x_scale(k: u32) -> f32 {
+  return exp2(-f32(8u * (k % 4u) + 4u * (k / 4u)));
 }
 
 // Weight j of block `blk`, exactly as the spec evaluates it.

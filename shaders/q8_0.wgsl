@@ -19,6 +19,11 @@ fn block_dot(blk: u32, xl: mat4x4f, xh: mat4x4f, xsum: f32) -> f32 {
   return unpack2x16float(w_d[blk]).x * s;
 }
 
+// Bytes are moved down before use, so the staged x is not scaled.
+fn x_scale(k: u32) -> f32 {
+  return 1.0;
+}
+
 fn weight(blk: u32, j: u32) -> f32 {
   let q = unpack4xI8(w_q[2u * blk + j / 16u][(j & 15u) / 4u])[j & 3u];
   return unpack2x16float(w_d[blk]).x * f32(q);
