@@ -20,7 +20,8 @@ export class NoWebGPUError extends Error {}
 const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values', 'sample',
   'holo_basis', 'holo_unpack'];
 // The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes:
-// Q4_1 puts a block's f16 scale and minimum in one word, Q8_0 widens its scale to a word.
+// Q4_1 puts a block's f16 scale and minimum in one word; Q8_0 widens its scale to a word and
+// stores its signed bytes as q + 128.
 const PLANES = {
   q4_1: (plane) => {
     const d = new Uint16Array(plane('d').buffer), m = new Uint16Array(plane('m').buffer);
@@ -28,7 +29,8 @@ const PLANES = {
     for (let i = 0; i < d.length; i++) { dm[2 * i] = d[i]; dm[2 * i + 1] = m[i]; }
     return [new Uint8Array(dm.buffer), plane('qs')];
   },
-  q8_0: (plane) => [new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer), plane('q')],
+  q8_0: (plane) => [new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer),
+    plane('q').map((b) => b ^ 0x80)],
 };
 const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
 const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
