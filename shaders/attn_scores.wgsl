@@ -18,6 +18,16 @@ struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
 @group(0) @binding(2) var<storage, read> k_cache: array<vec4f>;  // [capacity, G, Dh]
 @group(0) @binding(3) var<storage, read_write> scores: array<f32>;  // [H, capacity]
 
+// Column j of q against k, for the HG live heads only (HG is a pipeline constant, so the
+// dead branches cost nothing).
+fn heads_dot(q: mat4x4f, k: vec4f) -> vec4f {
+  var s = vec4f(dot(q[0], k), 0.0, 0.0, 0.0);
+  if (H / G > 1u) { s.y = dot(q[1], k); }
+  if (H / G > 2u) { s.z = dot(q[2], k); }
+  if (H / G > 3u) { s.w = dot(q[3], k); }
+  return s;
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let hg = H / G;
@@ -33,18 +43,11 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
   let ks = (t * G + g) * d4;
   var s = mat4x4f();  // column c: key t0 + c, component j: head j
   for (var d = 0u; d < d4; d++) {
-    let qa = qkv[qs.x + d];
-    let qb = qkv[qs.y + d];
-    let qc = qkv[qs.z + d];
-    let qd = qkv[qs.w + d];
-    let k0 = k_cache[ks.x + d];
-    let k1 = k_cache[ks.y + d];
-    let k2 = k_cache[ks.z + d];
-    let k3 = k_cache[ks.w + d];
-    s[0] += vec4f(dot(qa, k0), dot(qb, k0), dot(qc, k0), dot(qd, k0));
-    s[1] += vec4f(dot(qa, k1), dot(qb, k1), dot(qc, k1), dot(qd, k1));
-    s[2] += vec4f(dot(qa, k2), dot(qb, k2), dot(qc, k2), dot(qd, k2));
-    s[3] += vec4f(dot(qa, k3), dot(qb, k3), dot(qc, k3), dot(qd, k3));
+    let q = mat4x4f(qkv[qs.x + d], qkv[qs.y + d], qkv[qs.z + d], qkv[qs.w + d]);
+    s[0] += heads_dot(q, k_cache[ks.x + d]);
+    s[1] += heads_dot(q, k_cache[ks.y + d]);
+    s[2] += heads_dot(q, k_cache[ks.z + d]);
+    s[3] += heads_dot(q, k_cache[ks.w + d]);
   }
   let cap = arrayLength(&scores) / H;
   for (var c = 0u; c < 4u; c++) {

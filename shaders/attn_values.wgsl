@@ -41,9 +41,9 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
     let step = G * d4;
     let v = mat4x4f(v_cache[base], v_cache[base + step], v_cache[base + 2u * step], v_cache[base + 3u * step]);
     a0 += v * e[rows.x + t];
-    a1 += v * e[rows.y + t];
-    a2 += v * e[rows.z + t];
-    a3 += v * e[rows.w + t];
+    if (hg > 1u) { a1 += v * e[rows.y + t]; }  // hg is a pipeline constant: dead heads cost nothing
+    if (hg > 2u) { a2 += v * e[rows.z + t]; }
+    if (hg > 3u) { a3 += v * e[rows.w + t]; }
   }
   let o = gid.y * H * d4 + h0 * d4 + i;
   attn[o] = a0 / sums[h0];
