@@ -8,18 +8,22 @@ token as `Authorization: Bearer <token>`; the session is looked up first (404), 
 token is checked (401 when absent, 403 when wrong).
 """
 
+import json
+import secrets
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import completions
 from server.anchor import Anchor
 from server.config import Settings
 from server.models import load_model
@@ -115,7 +119,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
+def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
     """Request bodies, sized by the settings."""
 
     class Message(BaseModel):
@@ -133,7 +137,19 @@ def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]
         model_config = ConfigDict(extra="forbid")
         messages: Messages
 
-    return CreateSession, AppendMessages
+    class ChatCompletion(BaseModel):
+        """OpenAI's request; fields it has that the anchor does not use are ignored."""
+        model_config = ConfigDict(extra="ignore")
+        model: str = ""
+        messages: Messages
+        max_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
+        max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
+        temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy (the default here)")
+        seed: int = Field(0, ge=0, lt=1 << 32, description="Gumbel-max noise seed when temperature > 0")
+        n: int = Field(1, ge=1, le=1)
+        stream: bool = False
+
+    return CreateSession, AppendMessages, ChatCompletion
 
 
 class SessionCreated(BaseModel):
@@ -153,7 +169,7 @@ def load_anchor(settings: Settings) -> Anchor:
 
 
 def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
-    CreateSession, AppendMessages = request_models(settings)
+    CreateSession, AppendMessages, ChatCompletion = request_models(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -247,6 +263,49 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             return Response(delta.data, media_type=HOLO_MEDIA_TYPE,
                             headers={"ETag": delta.etag, "X-HPI-Start": str(delta.start),
                                      "X-HPI-End": str(delta.end)})
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletion, request: Request):
+        """Anchor-only decoding in OpenAI's format (and SSE with `stream`): the baseline."""
+        lm = request.app.state.anchor.lm
+        ids = lm.chat_ids([m.model_dump() for m in body.messages])
+        if len(ids) > settings.max_prompt_tokens:
+            return error_response(413, "prompt_too_long",
+                                  f"the prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}")
+        limit = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+        tokens = completions.decode(lm, ids, limit, body.temperature, body.seed)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": lm.model_id}
+
+        def finish(last: int | None) -> str:
+            return "stop" if last in lm.eos_token_ids else "length"
+
+        if not body.stream:
+            out = list(tokens)
+            text = completions.TextStream(lm)
+            content = "".join(text.add(t) for t in out) + text.flush()
+            return {**head, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": finish(out[-1] if out else None)}],
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out),
+                              "total_tokens": len(ids) + len(out)}}
+
+        def events():
+            def chunk(delta: dict, reason: str | None = None) -> str:
+                return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": reason}]}) + "\n\n"
+
+            yield chunk({"role": "assistant", "content": ""})
+            text, last = completions.TextStream(lm), None
+            for last in tokens:
+                piece = text.add(last)
+                if piece:
+                    yield chunk({"content": piece})
+            if piece := text.flush():
+                yield chunk({"content": piece})
+            yield chunk({}, finish(last))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, response_class=Response)
     def delete_session(session_id: str, st: Store, creds: Credentials):

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1)
     max_message_chars: int = Field(64_000, ge=1)
     max_messages: int = Field(256, ge=1)
+    max_new_tokens: int = Field(1024, ge=1, description="tokens one chat completion may generate")
 
     codec: str = Field("default", description="codec preset name (server/spectral.py PRESETS)")
     calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")

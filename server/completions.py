@@ -1,0 +1,62 @@
+"""Plain anchor-only decoding: the server-side baseline the resonator is measured against.
+
+The anchor model decodes alone, one forward pass per token over its own KV cache, with the
+same token choice as every resonator (server/sampling.py): greedy, or Gumbel-max with a
+seed. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from server.models import LoadedModel
+from server.sampling import choose
+
+
+@torch.no_grad()
+def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+           seed: int = 0) -> Iterator[int]:
+    """Token ids after the prompt, one at a time, until an end token (included) or max_tokens.
+
+    The token at index i of the conversation is chosen with position i, as the resonator does.
+    """
+    cache = DynamicCache(config=lm.config)
+    dev = lm.model.device
+    out = lm.model(input_ids=torch.tensor([prompt_ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
+    eos = set(lm.eos_token_ids)
+    position = len(prompt_ids)
+    for _ in range(max_tokens):
+        token = choose(out.logits[0, -1].float().cpu().numpy(), temperature, seed, position)
+        yield token
+        if token in eos:
+            return
+        position += 1
+        out = lm.model(input_ids=torch.tensor([[token]], device=dev), cache=cache, use_cache=True)
+
+
+class TextStream:
+    """Incremental detokenization: the new text each token adds, never half a UTF-8 character."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        if token not in self.lm.eos_token_ids:
+            self.ids.append(token)
+        return self._new(final=False)
+
+    def flush(self) -> str:
+        """What is left at the end, an incomplete character included (as U+FFFD)."""
+        return self._new(final=True)
+
+    def _new(self, final: bool) -> str:
+        text = self.lm.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # maybe an incomplete character: wait
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
