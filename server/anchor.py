@@ -25,10 +25,16 @@ from server.spectral import PRESETS, CodecParams
 
 @dataclass
 class Caches:
-    """One conversation's exact state: its token ids and the KV caches over all of them."""
+    """One conversation's exact state: its token ids and the KV caches over all of them.
+
+    After verification (server/verify.py) the last confirmed id is `pending`, not yet in the
+    anchor's cache; after a prefill, `next_logits` are the anchor's logits after the last id.
+    """
     ids: list[int] = field(default_factory=list)
     anchor: DynamicCache | None = None
     resonator: DynamicCache | None = None  # None when the resonator model is the anchor model
+    next_logits: torch.Tensor | None = None  # [V]
+    pending: int | None = None
 
 
 class Anchor:
@@ -93,6 +99,8 @@ class Anchor:
         """Extend the exact caches by `new_ids`; return the anchor's logits [V] after the last one."""
         if not new_ids:
             raise ValueError("nothing to prefill")
+        if caches.pending is not None:
+            raise ValueError("the conversation has a verified token not yet in the cache; feed it first")
         if caches.anchor is None:
             caches.anchor = DynamicCache(config=self.lm.config)
             if self.res_lm is not self.lm:
@@ -104,7 +112,8 @@ class Anchor:
             self.res_lm.model(input_ids=x.to(self.res_lm.model.device), cache=caches.resonator,
                               use_cache=True, logits_to_keep=1)
         caches.ids.extend(new_ids)
-        return out.logits[0, -1].float()
+        caches.next_logits = out.logits[0, -1].float().cpu()
+        return caches.next_logits
 
     def hologram_bytes(self, caches: Caches, start: int = 0) -> bytes:
         """The `.holo` conversation hologram of KV positions [start, len(ids) - 1)."""

@@ -1,0 +1,59 @@
+"""Verification of drafted tokens against the anchor's own choices, in one forward pass.
+
+A resonator drafts tokens; the anchor runs them through its exact model over the session's
+exact KV cache and, position by position, makes the choice it would have made alone (greedy,
+or Gumbel-max with the session's seed: server/sampling.py). It accepts the longest prefix of
+drafts that matches, and its own choice right after that prefix is confirmed too: the
+correction of the first mismatch, or one more token when every draft matched. So the
+confirmed tokens are exactly the anchor's, whatever the drafts were.
+
+The confirmed token after the accepted prefix has no KV yet (`Caches.pending`); the next
+pass feeds it first. The cache is cropped back to the confirmed tokens, so rejected drafts
+leave nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.anchor import Caches
+from server.models import LoadedModel
+from server.sampling import choose
+
+
+@dataclass
+class Verdict:
+    accepted: int  # drafts accepted, a prefix
+    token: int  # the anchor's own next token after them, confirmed as well
+    corrected: bool  # `token` replaces a mismatching draft (else it follows all of them)
+
+
+@torch.no_grad()
+def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: float = 0.0,
+           seed: int = 0) -> Verdict:
+    """Check `drafts` (the tokens after the confirmed ones) and confirm what the anchor chooses."""
+    if caches.anchor is None or (caches.pending is None and caches.next_logits is None):
+        raise ValueError("the session has no prefilled state to verify against")
+    base = len(caches.ids)  # position of drafts[0]
+    feed = ([caches.pending] if caches.pending is not None else []) + list(drafts)
+    heads = []  # heads[i]: logits that choose the token at position base + i
+    if caches.pending is None:
+        heads.append(caches.next_logits)
+    if feed:
+        dev = lm.model.device
+        out = lm.model(input_ids=torch.tensor([feed], device=dev), cache=caches.anchor, use_cache=True)
+        heads.extend(out.logits[0].float().cpu())
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == choose(heads[accepted].numpy(), temperature, seed,
+                                                                base + accepted):
+        accepted += 1
+    token = choose(heads[accepted].numpy(), temperature, seed, base + accepted)
+    fed_drafts = len(drafts) if feed else 0
+    if fed_drafts > accepted:
+        caches.anchor.crop(accepted - fed_drafts)  # a negative count removes that many from the end
+    caches.ids.extend(list(drafts[:accepted]) + [token])
+    caches.pending = token
+    caches.next_logits = None
+    return Verdict(accepted, token, accepted < len(drafts))

@@ -1,0 +1,68 @@
+"""Verification confirms exactly the anchor's own tokens, whatever the drafts (greedy and sampled)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server import completions
+from server.anchor import Anchor, Caches
+from server.verify import verify
+
+MESSAGES = [{"role": "user", "content": "Draft a short answer about caches."}]
+
+
+@pytest.fixture(scope="module")
+def anchor(tiny):
+    return Anchor(tiny)
+
+
+def run(anchor, tiny, n: int, k: int, temperature: float, seed: int, drift: float) -> tuple[list[int], int, int]:
+    """Confirm n tokens with drafts of k taken from the anchor-only answer, each corrupted with
+    probability `drift`; return the confirmed tokens, the passes and the corrections."""
+    prompt = tiny.chat_ids(MESSAGES)
+    truth = list(completions.decode(tiny, prompt, n + k, temperature, seed))
+    caches = Caches()
+    anchor.prefill(caches, prompt)
+    rng = random.Random(seed)
+    passes = corrections = 0
+    while len(caches.ids) - len(prompt) < n:
+        at = len(caches.ids) - len(prompt)
+        drafts = [t if rng.random() >= drift else (t + 1) % tiny.config.vocab_size for t in truth[at:at + k]]
+        v = verify(tiny, caches, drafts, temperature, seed)
+        passes += 1
+        corrections += v.corrected
+        assert caches.anchor.get_seq_length() == len(caches.ids) - 1  # only the pending token lacks KV
+    return caches.ids[len(prompt):len(prompt) + n], passes, corrections
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 7)])
+def test_confirmed_tokens_equal_the_anchor_alone(anchor, tiny, temperature, seed):
+    n = 24
+    truth = list(completions.decode(tiny, tiny.chat_ids(MESSAGES), n, temperature, seed))
+    exact, passes, corrections = run(anchor, tiny, n, 6, temperature, seed, drift=0.0)
+    assert exact == truth[:n]
+    assert corrections == 0 and passes <= -(-n // 7) + 1  # k accepted + 1 confirmed per pass
+    drifted, _, corrections = run(anchor, tiny, n, 6, temperature, seed, drift=0.3)
+    assert drifted == truth[:n]
+    assert corrections > 0
+
+
+def test_wrong_drafts_are_corrected_one_token_per_pass(anchor, tiny):
+    prompt = tiny.chat_ids(MESSAGES)
+    truth = list(completions.decode(tiny, prompt, 4))
+    caches = Caches()
+    anchor.prefill(caches, prompt)
+    v = verify(tiny, caches, [(truth[0] + 1) % tiny.config.vocab_size] * 5)
+    assert (v.accepted, v.token, v.corrected) == (0, truth[0], True)
+    assert caches.ids[len(prompt):] == truth[:1] and caches.anchor.get_seq_length() == len(prompt)
+    v = verify(tiny, caches, truth[1:3])
+    assert (v.accepted, v.token, v.corrected) == (2, truth[3], False)
+    with pytest.raises(ValueError, match="verified token"):
+        anchor.prefill(caches, [1, 2])
+
+
+def test_verify_needs_a_prefilled_session(tiny):
+    with pytest.raises(ValueError, match="prefilled"):
+        verify(tiny, Caches(), [1, 2])
