@@ -15,14 +15,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from protocol import frames
 from server import completions
 from server.anchor import Anchor
 from server.config import Settings
@@ -306,6 +308,52 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.websocket("/v1/sessions/{session_id}/sync")
+    async def sync(ws: WebSocket, session_id: str):
+        """The reconciliation channel: msgpack frames (protocol/frames.py, protocol/SPEC.md).
+
+        A bad frame gets an error frame and the connection stays; an unknown session or a
+        wrong token gets an error frame and the connection is closed.
+        """
+        st: SessionStore = ws.app.state.store
+        await ws.accept()
+        session_ok = False
+        while True:
+            try:
+                message = await ws.receive()
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            close = False
+            try:
+                data = message.get("bytes")
+                if data is None:
+                    raise frames.FrameError("frames are binary msgpack, not text")
+                frame = frames.decode(data)
+                if isinstance(frame, frames.Hello):
+                    def hello():
+                        with st.use(session_id, frame.token) as s:
+                            return st.ready(s, frame.position, frame.chain, (frame.temperature, frame.seed))
+                    reply = await run_in_threadpool(hello)
+                    session_ok, token = True, frame.token
+                elif not session_ok:
+                    raise frames.FrameError("the first frame must be a hello")
+                else:
+                    def draft():
+                        with st.use(session_id, token) as s:
+                            return st.draft(s, frame.position, frame.chain, frame.tokens)
+                    reply = await run_in_threadpool(draft)
+            except frames.FrameError as e:
+                reply = frames.Error(v=1, code="bad_frame", message=str(e))
+            except SessionError as e:
+                reply = frames.Error(v=1, code=e.code, message=str(e))
+                close = e.status in (401, 403, 404)
+            await ws.send_bytes(frames.encode(reply))
+            if close:
+                await ws.close(code=1008)
+                return
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, response_class=Response)
     def delete_session(session_id: str, st: Store, creds: Credentials):

@@ -20,9 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from protocol import frames
 from protocol.holo import content_hash
 from server.anchor import Anchor, Caches
 from server.config import Settings
+from server.verify import verify
 
 
 class SessionError(Exception):
@@ -59,6 +61,14 @@ class KVMemoryFull(SessionError):
     status, code = 503, "kv_memory_full"
 
 
+class StaleDraft(SessionError):
+    status, code = 409, "stale_draft"
+
+
+class SamplingMismatch(SessionError):
+    status, code = 409, "sampling_mismatch"
+
+
 @dataclass
 class Segment:
     """A `.holo` hologram of KV positions [start, end)."""
@@ -84,6 +94,11 @@ class Session:
     last_used: float = field(default_factory=time.time)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Reconciliation: the chain hash after each token from chain_base on (protocol/SPEC.md),
+    # and the session's sampling, fixed by the first page that syncs.
+    chain_base: int = 0
+    chains: list[bytes] = field(default_factory=lambda: [frames.GENESIS])
+    sampling: tuple[float, int] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -119,6 +134,7 @@ class SessionStore:
         # No lock needed: nobody else can reach the session before its token is returned.
         try:
             self.anchor.prefill(session.caches, ids)
+            session.chain_base = len(ids)
             session.full = self._build(session, 0)
         except Exception:
             self.delete(session)
@@ -178,6 +194,37 @@ class SessionStore:
         delta = self._build(session, session.holo_end)
         session.holo_end = delta.end
         return delta
+
+    def ready(self, session: Session, position: int, chain: bytes, sampling: tuple[float, int]) -> frames.Ready:
+        """Answer a page's hello: the confirmed tokens it lacks, or all of them if its chain is not ours."""
+        if session.sampling is None:
+            session.sampling = sampling
+        elif session.sampling != sampling:
+            raise SamplingMismatch(f"this session samples with (temperature, seed) = {session.sampling}")
+        at = position - session.chain_base
+        known = 0 <= at < len(session.chains) and hmac.compare_digest(session.chains[at], chain)
+        start = position if known else session.chain_base
+        return frames.Ready(v=1, position=session.n_tokens, chain=session.chains[-1],
+                            tokens=session.caches.ids[start:], refresh=not known)
+
+    def draft(self, session: Session, position: int, chain: bytes, tokens: list[int]) -> frames.Verdict:
+        """Verify drafted tokens (server/verify.py) and extend the chain by what is confirmed."""
+        if session.sampling is None:
+            raise StaleDraft("send a hello frame first")
+        if position != session.n_tokens or not hmac.compare_digest(chain, session.chains[-1]):
+            raise StaleDraft(f"the draft starts at position {position}; the anchor has confirmed "
+                             f"{session.n_tokens} tokens: say hello again to catch up")
+        vocab = self.anchor.lm.config.vocab_size
+        if any(t >= vocab for t in tokens):
+            raise StaleDraft(f"token ids must be below the vocabulary size {vocab}")
+        with self._lock:
+            self._reserve(session, session.n_tokens + len(tokens) + 1)
+        v = verify(self.anchor.lm, session.caches, tokens, *session.sampling)
+        for t in tokens[:v.accepted] + [v.token]:
+            session.chains.append(frames.chain_next(session.chains[-1], t))
+        session.full = None
+        return frames.Verdict(v=1, type="correction" if v.corrected else "ack", accepted=v.accepted,
+                              token=v.token, position=session.n_tokens, chain=session.chains[-1])
 
     def _build(self, session: Session, start: int) -> Segment:
         data = self.anchor.hologram_bytes(session.caches, start)

@@ -109,8 +109,14 @@ def test_delta_holograms_tile_the_conversation(anchor, tiny):
     assert res.position == len(full) - 1 and res.next_id == full[-1]
     one = Resonator(anchor.pack_bytes)
     one.add_hologram(anchor.hologram_bytes(caches))
-    a, b = res.generate(12, stop_at_eos=False), one.generate(12, stop_at_eos=False)
-    assert np.mean(np.array(a) == np.array(b)) >= 0.8
+    # The two tilings code different tokens exactly (each segment keeps its own recent tail),
+    # so they agree to the codec's error, not bit for bit. Tokens are not compared: the tiny
+    # model's logits are nearly flat, and one flipped argmax sends greedy decoding elsewhere.
+    for (k1, v1), (k2, v2) in zip(res.past, one.past):
+        assert float((k1 - k2).abs().max()) < 0.05 * float(k2.abs().max())
+        assert float((v1 - v2).abs().max()) < 0.05 * float(v2.abs().max())
+    a, b = res.step(res.next_id), one.step(one.next_id)
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
 
 
 def test_seeded_sampling_is_reproducible(anchor, tiny):
