@@ -65,3 +65,13 @@ def smollm_server(smollm_anchor):
     from tests.browser import serve
     with serve(create_app(Settings(), smollm_anchor)) as url:
         yield url, smollm_anchor
+
+
+@pytest.fixture
+def page(browser, tiny_server):
+    """A page of its own browser context (own IndexedDB), on the tiny anchor's origin."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(tiny_server[0] + "/healthz")
+    yield page
+    context.close()

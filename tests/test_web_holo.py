@@ -72,15 +72,6 @@ LOAD = """async ({sources, options, digest}) => {
 }"""
 
 
-@pytest.fixture
-def page(browser, tiny_server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(tiny_server[0] + "/healthz")
-    yield page
-    context.close()
-
-
 def serve_vectors(page) -> None:
     def handle(route):
         path = VECTORS / route.request.url.split(TEST_FILES, 1)[1]

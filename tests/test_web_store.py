@@ -38,15 +38,6 @@ RAW_GET = """async ([storeName, key]) => {
 }"""
 
 
-@pytest.fixture
-def page(browser, tiny_server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(tiny_server[0] + "/healthz")
-    yield page
-    context.close()
-
-
 def new_session(base: str) -> tuple[dict, dict]:
     messages = [{"role": "user", "content": "Keep this conversation in the browser."}]
     created = httpx.post(f"{base}/v1/sessions", json={"messages": messages}).raise_for_status().json()
