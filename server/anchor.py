@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from protocol.holo import HoloError, content_hash, load_hologram
 from server import hologram, pack, spectral
+from server.metrics import METRICS
 from server.models import LoadedModel, check_same_tokenizer
 from server.spectral import PRESETS, CodecParams
 
@@ -108,6 +109,7 @@ class Anchor:
         dev = self.lm.model.device
         x = torch.tensor([new_ids], device=dev)
         out = self.lm.model(input_ids=x, cache=caches.anchor, use_cache=True, logits_to_keep=1)
+        METRICS.add("hpi_forward_passes_total")
         if caches.resonator is not None:
             self.res_lm.model(input_ids=x.to(self.res_lm.model.device), cache=caches.resonator,
                               use_cache=True, logits_to_keep=1)

@@ -28,6 +28,7 @@ from protocol import frames
 from server import completions
 from server.anchor import Anchor
 from server.config import Settings
+from server.metrics import METRICS
 from server.models import load_model
 from server.sessions import Segment, SessionError, SessionStore
 
@@ -105,6 +106,7 @@ def _holo_response(request: Request, data: bytes, etag: str, cache_control: str,
     headers = {"ETag": etag, "Cache-Control": cache_control, **(headers or {})}
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
+    METRICS.add("hpi_bytes_sent_total", len(data))
     return Response(data, media_type=HOLO_MEDIA_TYPE, headers=headers)
 
 
@@ -179,6 +181,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         _ = a.basis  # builds the model pack now rather than in the first requests, concurrently
         app.state.anchor = a
         app.state.store = SessionStore(a, settings)
+        METRICS.gauges["hpi_sessions"] = ("open sessions", lambda: len(app.state.store))
         yield
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
@@ -218,6 +221,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():
         return Response(status_code=204)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz")
     def healthz():
@@ -262,6 +269,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def append_messages(session_id: str, body: AppendMessages, st: Store, creds: Credentials):
         with st.use(session_id, token(creds)) as s:
             delta = st.append(s, [m.model_dump() for m in body.messages])
+            METRICS.add("hpi_bytes_sent_total", len(delta.data))
             return Response(delta.data, media_type=HOLO_MEDIA_TYPE,
                             headers={"ETag": delta.etag, "X-HPI-Start": str(delta.start),
                                      "X-HPI-End": str(delta.end)})
@@ -350,7 +358,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             except SessionError as e:
                 reply = frames.Error(v=1, code=e.code, message=str(e))
                 close = e.status in (401, 403, 404)
-            await ws.send_bytes(frames.encode(reply))
+            out = frames.encode(reply)
+            METRICS.add("hpi_bytes_sent_total", len(out))
+            await ws.send_bytes(out)
             if close:
                 await ws.close(code=1008)
                 return

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from transformers import DynamicCache
 
+from server.metrics import METRICS
 from server.models import LoadedModel
 from server.sampling import choose
 
@@ -26,15 +27,18 @@ def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature:
     cache = DynamicCache(config=lm.config)
     dev = lm.model.device
     out = lm.model(input_ids=torch.tensor([prompt_ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
+    METRICS.add("hpi_forward_passes_total")
     eos = set(lm.eos_token_ids)
     position = len(prompt_ids)
     for _ in range(max_tokens):
         token = choose(out.logits[0, -1].float().cpu().numpy(), temperature, seed, position)
+        METRICS.add("hpi_tokens_decoded_total")
         yield token
         if token in eos:
             return
         position += 1
         out = lm.model(input_ids=torch.tensor([[token]], device=dev), cache=cache, use_cache=True)
+        METRICS.add("hpi_forward_passes_total")
 
 
 class TextStream:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from server.anchor import Caches
+from server.metrics import METRICS
 from server.models import LoadedModel
 from server.sampling import choose
 
@@ -44,6 +45,7 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     if feed:
         dev = lm.model.device
         out = lm.model(input_ids=torch.tensor([feed], device=dev), cache=caches.anchor, use_cache=True)
+        METRICS.add("hpi_forward_passes_total")
         heads.extend(out.logits[0].float().cpu())
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == choose(heads[accepted].numpy(), temperature, seed,
@@ -56,4 +58,7 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     caches.ids.extend(list(drafts[:accepted]) + [token])
     caches.pending = token
     caches.next_logits = None
+    METRICS.add("hpi_tokens_verified_total", len(drafts))
+    METRICS.add("hpi_tokens_accepted_total", accepted)
+    METRICS.add("hpi_tokens_corrected_total", int(accepted < len(drafts)))
     return Verdict(accepted, token, accepted < len(drafts))

@@ -115,3 +115,28 @@ def test_a_wrong_token_closes_the_channel(client):
         assert e["code"] == "forbidden"
     with client.websocket_connect("/v1/sessions/nope/sync") as ws:
         assert send(ws, type="hello", token="x", position=0, chain=frames.GENESIS)["code"] == "session_not_found"
+
+
+def test_metrics_count_passes_and_verdicts(client, tiny):
+    def read() -> dict[str, float]:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        for name in ("hpi_forward_passes_total", "hpi_sessions"):
+            assert f"# TYPE {name} " in r.text
+        return {k: float(v) for k, v in (line.split() for line in r.text.splitlines() if not line.startswith("#"))}
+
+    s = session(client)
+    prompt = tiny.chat_ids(MESSAGES)
+    truth = list(completions.decode(tiny, prompt, 6))
+    before = read()
+    with client.websocket_connect(f"/v1/sessions/{s['session_id']}/sync") as ws:
+        send(ws, type="hello", token=s["token"], position=len(prompt), chain=frames.GENESIS)
+        wrong = [truth[0], truth[1], (truth[2] + 1) % tiny.config.vocab_size]
+        v = send(ws, type="draft", position=len(prompt), chain=frames.GENESIS, tokens=wrong)
+        assert (v["type"], v["accepted"]) == ("correction", 2)
+    after = read()
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["hpi_forward_passes_total"] == 1
+    assert delta["hpi_tokens_verified_total"] == 3 and delta["hpi_tokens_accepted_total"] == 2
+    assert delta["hpi_tokens_corrected_total"] == 1 and delta["hpi_bytes_sent_total"] > 0
+    assert after["hpi_sessions"] >= 1
