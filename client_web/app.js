@@ -3,11 +3,15 @@
 // IndexedDB (store.js), so a reload, or a lost GPU device, picks up without downloading
 // either again. `window.hpi` exposes the page's state to tests and the benchmark.
 //
-// URL parameters: gemv workgroup size `wg`, steps per submission `batch`.
+// URL parameters: gemv workgroup size `wg`, steps per submission `batch`; `sync=K` drafts K
+// tokens at a time and has the anchor verify them (sync.js), so only tokens the anchor
+// confirms are kept: the answer is then exactly the anchor model's. `drift=1` (for tests)
+// corrupts the second token of every draft, so corrections must repair the answer.
 
 import { NoWebGPUError, Resonator } from './resonator.js';
 import { contentHash } from './holo.js';
 import { openStore } from './store.js';
+import { SyncChannel } from './sync.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -16,8 +20,11 @@ const engineOptions = {
   gemv: params.has('wg') ? { WG: Number(params.get('wg')) } : {},
 };
 
+const draftSize = params.has('sync') ? Math.max(1, Number(params.get('sync')) || 8) : 0;
+const drift = params.get('drift') === '1';
+
 const hpi = window.hpi = {
-  engine: null, store: null, model: null, session: null,
+  engine: null, store: null, model: null, session: null, provisional: [], corrections: 0,
   busy: false, recoveries: 0, stats: {},
   ready: null,  // resolves once the page can generate
 };
@@ -44,8 +51,12 @@ function showStats() {
 
 function showAnswer() {
   const s = hpi.session;
+  const text = (ids) => hpi.engine.decode(ids.filter((id) => !hpi.engine.eos.has(id)));
   $('prompt-echo').textContent = s ? s.prompt : '';
-  $('output').textContent = s ? hpi.engine.decode(s.generated.filter((id) => !hpi.engine.eos.has(id))) : '';
+  const pending = document.createElement('span');
+  pending.className = 'provisional';
+  pending.textContent = s ? text(hpi.provisional) : '';
+  $('output').replaceChildren(s ? text(s.generated) : '', pending);
   showStats();
 }
 
@@ -121,6 +132,51 @@ function setBusy(busy) {
   $('more').disabled = busy || !hpi.engine || !hpi.session;
 }
 
+/**
+ * Draft `draftSize` tokens at a time and keep what the anchor confirms: the accepted drafts
+ * and its own next token. A correction rewinds the engine to just after the last accepted
+ * draft; an ack feeds the anchor's extra token after the drafts.
+ */
+async function generateVerified(n) {
+  const engine = hpi.engine;
+  const s = hpi.session;
+  const { channel, ready } = await SyncChannel.open(s.id, s.token, {
+    position: s.syncPosition, chain: s.syncChain,
+  });
+  try {
+    if (ready.tokens.length) throw new Error('the anchor has confirmed tokens this page lacks; start a new session');
+    let done = 0;
+    while (done < n) {
+      const start = engine.position;
+      hpi.provisional = [];
+      const drafts = await engine.generate(Math.min(draftSize, n - done), {
+        onTokens: (ids) => { hpi.provisional.push(...ids); showAnswer(); },
+      });
+      if (drift) {
+        const i = Math.min(1, drafts.length - 1);
+        drafts[i] = (drafts[i] + 1) % engine.cfg.V;
+      }
+      const v = await channel.draft(s.syncPosition, s.syncChain, drafts);
+      const confirmed = [...drafts.slice(0, v.accepted), v.token];
+      if (v.type === 'ack') {
+        await engine.append([v.token]);
+      } else {
+        hpi.corrections += 1;
+        engine.rewind(start + v.accepted + 1, v.token);
+      }
+      s.generated.push(...confirmed);
+      s.syncPosition = v.position;
+      s.syncChain = v.chain;
+      hpi.provisional = [];
+      done += confirmed.length;
+      showAnswer();
+      if (confirmed.some((id) => engine.eos.has(id))) break;
+    }
+  } finally {
+    channel.close();
+  }
+}
+
 async function generate() {
   const n = Math.max(1, Math.min(4096, Number($('max-new').value) || 48));
   setBusy(true);
@@ -129,14 +185,18 @@ async function generate() {
   const t0 = performance.now();
   let count = 0;
   try {
-    await engine.generate(n, {
-      onTokens: (ids) => {
-        count += ids.length;
-        hpi.session.generated.push(...ids);
-        hpi.stats.tokensPerSecond = count / ((performance.now() - t0) / 1000);
-        showAnswer();
-      },
-    });
+    if (draftSize) {
+      await generateVerified(n);
+    } else {
+      await engine.generate(n, {
+        onTokens: (ids) => {
+          count += ids.length;
+          hpi.session.generated.push(...ids);
+          hpi.stats.tokensPerSecond = count / ((performance.now() - t0) / 1000);
+          showAnswer();
+        },
+      });
+    }
     status(engine.nextId !== null && engine.eos.has(engine.nextId) ? 'Done (end of answer).' : 'Done.');
   } catch (e) {
     // A lost device fails the step in flight; recover() has taken over by now.
@@ -163,7 +223,9 @@ async function send(prompt) {
     created: Date.now() };
   await keep('the session', () => hpi.store.putSession(hpi.session));
   hpi.engine.rewind(0, null);
-  await hpi.engine.addHologram(await hologramBytes(hpi.session));
+  const meta = await hpi.engine.addHologram(await hologramBytes(hpi.session));
+  hpi.session.syncPosition = meta.end + 1;  // the prompt's tokens; the chain starts after them
+  hpi.session.syncChain = new Uint8Array(32);
   showAnswer();
   await generate();
 }
