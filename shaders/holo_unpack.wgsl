@@ -55,11 +55,20 @@ fn slot(t: u32, g: u32, i: u32) -> u32 {
   return ((p.start + t) * G * DH + g * DH + i) / 4u;
 }
 
+// Invocation x of either entry point: item x / (Dh/8), dimensions dim .. dim+3 and + Dh/2.
+fn item(gid: vec3u) -> u32 {
+  return gid.x / (DH / 8u);
+}
+
+fn dim(gid: vec3u) -> u32 {
+  return 4u * (gid.x % (DH / 8u));
+}
+
 @compute @workgroup_size(64)
 fn exact(@builtin(global_invocation_id) gid: vec3u) {
   let hd = DH / 2u;
-  let e = gid.x / (hd / 4u);
-  let i = 4u * (gid.x % (hd / 4u));
+  let e = item(gid);
+  let i = dim(gid);
   let g = gid.y;
   if (e >= p.head + p.tail) { return; }
   let lg = p.layer * G + g;
@@ -100,8 +109,8 @@ fn finish(t: u32, g: u32, i: u32, blk: Block, a_sum: vec4f, c_sum: vec4f) {
 @compute @workgroup_size(64)
 fn coded(@builtin(global_invocation_id) gid: vec3u) {
   let hd = DH / 2u;
-  let q = gid.x / (hd / 4u);
-  let i = 4u * (gid.x % (hd / 4u));
+  let q = item(gid);
+  let i = dim(gid);
   let g = gid.y;
   let mid = p.total - p.head - p.tail;
   let m0 = 4u * q;

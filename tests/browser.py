@@ -47,13 +47,12 @@ def serve(app):
 
 
 @contextmanager
-def launch(webgpu: bool = True):
-    """A headless Chromium (Playwright sync API); without `webgpu`, WebGPU is left off."""
+def launch():
+    """A headless Chromium (Playwright sync API) with WebGPU on SwiftShader."""
     from playwright.sync_api import sync_playwright
 
-    args = CHROMIUM_ARGS if webgpu else [a for a in CHROMIUM_ARGS if "webgpu" not in a and "vulkan" not in a.lower()]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=args)
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:
