@@ -1,32 +1,37 @@
-// The resonator page: ask the anchor for a conversation hologram, then write the answer on
-// this machine's GPU (resonator.js). The model pack and each session's hologram are kept in
-// IndexedDB (store.js), so a reload, or a lost GPU device, picks up without downloading
-// either again. `window.hpi` exposes the page's state to tests and the benchmark.
+// The chat page. The anchor reads each user turn and sends its hologram; this machine's GPU
+// drafts the answer (resonator.js) and the anchor confirms it over the sync channel
+// (reconcile.js), so the answer is exactly the anchor model's. Conversations, their
+// holograms and the model pack are kept in IndexedDB (store.js): a reload, or a lost GPU
+// device, picks up where it was without downloading or re-reading earlier turns. Without
+// WebGPU the page asks the anchor to write the answers itself (server-only streaming).
+// `window.hpi` exposes the page's state to tests and benchmarks.
 //
-// URL parameters: gemv workgroup size `wg`, steps per submission `batch`; `sync=K` drafts K
-// tokens at a time and has the anchor verify them (sync.js), so only tokens the anchor
-// confirms are kept: the answer is then exactly the anchor model's. `drift=1` (for tests)
-// corrupts the second token of every draft, so corrections must repair the answer.
+// URL parameters: `sync=K` drafts per verification pass (0: the resonator alone, unverified);
+// `mode=server` forces server-only answers; `provisional=N` bounds the tail drafted while the
+// anchor is unreachable; `drift=1` (tests) corrupts a drafted token of every pass; gemv
+// workgroup size `wg`, steps per submission `batch`.
 
 import { NoWebGPUError, Resonator } from './resonator.js';
 import { contentHash } from './holo.js';
 import { openStore } from './store.js';
-import { SyncChannel } from './sync.js';
+import { GENESIS } from './sync.js';
+import { Reconciler } from './reconcile.js';
 
+const DEFAULT_DRAFT = 16;  // bench/reconcile.py: see docs/reconcile.md
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const engineOptions = {
   batch: Number(params.get('batch') || 4),
   gemv: params.has('wg') ? { WG: Number(params.get('wg')) } : {},
 };
-
-const draftSize = params.has('sync') ? Math.max(1, Number(params.get('sync')) || 8) : 0;
+const draftSize = params.has('sync') ? Math.max(0, Number(params.get('sync')) || 0) : DEFAULT_DRAFT;
+const maxProvisional = Math.max(1, Number(params.get('provisional')) || 256);
 const drift = params.get('drift') === '1';
 
 const hpi = window.hpi = {
-  engine: null, store: null, model: null, session: null, provisional: [], corrections: 0,
-  busy: false, recoveries: 0, stats: {},
-  ready: null,  // resolves once the page can generate
+  engine: null, store: null, model: null, mode: null, conversations: [], conv: null, loaded: null,
+  reconciler: null, busy: false, recoveries: 0, stats: { hologramBytes: 0 },
+  ready: null,  // resolves once the page can answer
 };
 
 function status(text, error = false) {
@@ -34,37 +39,18 @@ function status(text, error = false) {
   $('status').classList.toggle('error', error);
 }
 
-function showStats() {
-  const s = hpi.stats;
-  const items = [
-    ['tok/s', s.tokensPerSecond?.toFixed(2)], ['tokens', hpi.session?.generated.length],
-    ['position', hpi.engine?.position], ['pack', s.packFrom], ['hologram', s.hologramFrom],
-    ['adapter', hpi.engine?.adapter],
-  ];
-  $('stats').replaceChildren(...items.filter(([, v]) => v !== undefined).map(([k, v]) => {
-    const el = document.createElement('span');
-    el.innerHTML = `${k} <b></b>`;
-    el.querySelector('b').textContent = v;
-    return el;
-  }));
+async function fetchOk(url, init = {}) {
+  const r = await fetch(url, init);
+  if (!r.ok) {
+    let message = `HTTP ${r.status}`;
+    try { message = (await r.json()).error?.message || message; } catch { /* not JSON */ }
+    throw new Error(`${url}: ${message}`);
+  }
+  return r;
 }
 
-function showAnswer() {
-  const s = hpi.session;
-  const text = (ids) => hpi.engine.decode(ids.filter((id) => !hpi.engine.eos.has(id)));
-  $('prompt-echo').textContent = s ? s.prompt : '';
-  const pending = document.createElement('span');
-  pending.className = 'provisional';
-  pending.textContent = s ? text(hpi.provisional) : '';
-  $('output').replaceChildren(s ? text(s.generated) : '', pending);
-  showStats();
-}
-
-async function fetchBytes(url, headers = {}) {
-  const r = await fetch(url, { headers });
-  if (!r.ok) throw new Error(`${url}: HTTP ${r.status} ${await r.text()}`);
-  return new Uint8Array(await r.arrayBuffer());
-}
+const bearer = (conv) => ({ Authorization: `Bearer ${conv.session.token}` });
+const lastAnswer = (conv) => conv.turns.findLast((t) => t.role === 'assistant');
 
 // Keeping a copy is a convenience: a full store costs a download next time, not the answer.
 async function keep(what, put) {
@@ -76,6 +62,90 @@ async function keep(what, put) {
   }
 }
 
+const persist = (conv) => keep('the conversation', () => hpi.store.putSession(conv));
+
+// ---- view -------------------------------------------------------------------------------
+
+function decode(ids) {
+  return hpi.engine.decode(ids.filter((id) => !hpi.engine.eos.has(id)));
+}
+
+// An answer written on the GPU is kept as token ids (its text too, for pages without WebGPU).
+function text(turn) {
+  if (turn.ids === undefined) return turn.content;
+  return hpi.engine ? decode(turn.ids) : turn.content;
+}
+
+function render() {
+  const list = hpi.conversations.map((c) => {
+    const li = document.createElement('li');
+    li.classList.toggle('active', c === hpi.conv);
+    const open = document.createElement('button');
+    open.className = 'open';
+    open.textContent = c.title;
+    open.onclick = () => switchTo(c);
+    const del = document.createElement('button');
+    del.className = 'delete';
+    del.textContent = '×';
+    del.title = 'Delete this conversation';
+    del.onclick = () => remove(c);
+    li.append(open, del);
+    return li;
+  });
+  $('conversations').replaceChildren(...list);
+  const conv = hpi.conv;
+  const turns = (conv?.turns || []).map((turn) => {
+    const div = document.createElement('div');
+    div.className = `msg ${turn.role}`;
+    div.textContent = text(turn);
+    return div;
+  });
+  const r = hpi.reconciler;
+  if (r?.provisional.length && turns.length) {
+    const span = document.createElement('span');
+    span.className = 'provisional';
+    span.textContent = decode(r.provisional);
+    turns.at(-1).append(span);
+  }
+  $('messages').replaceChildren(...turns);
+  showStats();
+}
+
+function showStats() {
+  const s = hpi.stats;
+  const r = hpi.reconciler?.stats;
+  const items = [
+    ['mode', hpi.mode === 'gpu' ? (draftSize ? `GPU drafts, anchor verifies K=${draftSize}` : 'GPU only, unverified')
+      : 'server only'],
+    ['tok/s', s.tokensPerSecond?.toFixed(2)],
+    ['accepted/pass', r?.passes ? (r.accepted / r.passes).toFixed(2) : undefined],
+    ['anchor passes', r?.passes], ['corrections', r?.corrections],
+    ['provisional', hpi.reconciler ? `${hpi.reconciler.provisional.length}/${maxProvisional}` +
+      (hpi.reconciler.running && !hpi.reconciler.online ? ' (anchor unreachable, retrying)' : '') : undefined],
+    ['reconnects', r?.reconnects || undefined],
+    ['sync bytes', r ? r.bytesSent + r.bytesReceived : undefined], ['hologram bytes', s.hologramBytes || undefined],
+    ['position', hpi.engine?.position], ['pack', s.packFrom], ['holograms', s.hologramFrom],
+    ['adapter', hpi.engine?.adapter],
+  ];
+  $('stats').replaceChildren(...items.filter(([, v]) => v !== undefined).map(([k, v]) => {
+    const el = document.createElement('span');
+    el.innerHTML = `${k} <b></b>`;
+    el.querySelector('b').textContent = v;
+    return el;
+  }));
+}
+
+function setBusy(busy) {
+  hpi.busy = busy;
+  const can = !busy && (hpi.mode === 'server' || hpi.engine);
+  $('send').disabled = !can;
+  const answer = hpi.conv && lastAnswer(hpi.conv);
+  $('more').disabled = !can || hpi.mode !== 'gpu' || hpi.conv?.mode !== 'gpu' || !answer || answer.ended;
+  $('new').disabled = busy;
+}
+
+// ---- model pack and holograms -----------------------------------------------------------
+
 async function packBytes() {
   const { pack_hash: hash, pack_url: url } = hpi.model;
   const cached = await hpi.store.getPack(hash);
@@ -84,179 +154,306 @@ async function packBytes() {
     return cached;
   }
   status(`Downloading the model pack (${(hpi.model.pack_bytes / 1e6).toFixed(1)} MB)…`);
-  const bytes = await fetchBytes(url);
+  const bytes = new Uint8Array(await (await fetchOk(url)).arrayBuffer());
   if (await contentHash(bytes) !== hash) throw new Error('the model pack does not match its hash');
   await keep('the model pack', () => hpi.store.putPack(hash, bytes));
   hpi.stats.packFrom = 'network';
   return bytes;
 }
 
-async function hologramBytes(session) {
-  const cached = await hpi.store.getHologram(session.id);
-  if (cached) {
-    hpi.stats.hologramFrom = 'IndexedDB';
-    return cached.bytes;
-  }
-  const bytes = await fetchBytes(`/v1/sessions/${session.id}/hologram`, { Authorization: `Bearer ${session.token}` });
-  await keep('the hologram', () => hpi.store.putHologram(session.id, bytes));
-  hpi.stats.hologramFrom = 'network';
-  return bytes;
+/** A hologram response: its bytes and the KV positions [start, end) it covers. */
+async function segmentOf(response) {
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  hpi.stats.hologramBytes += bytes.byteLength;
+  return { bytes, start: Number(response.headers.get('X-HPI-Start')), end: Number(response.headers.get('X-HPI-End')) };
 }
 
-/** A fresh engine with the pack, the session's hologram and the tokens generated so far. */
+/** Put a segment on the engine (which must hold the conversation up to its start) and keep it. */
+async function addSegment(conv, seg) {
+  hpi.engine.rewind(seg.start, null);
+  await hpi.engine.addHologram(seg.bytes);
+  const i = conv.segments.findIndex((s) => s.start >= seg.start);
+  if (i >= 0) conv.segments.length = i;
+  const key = `${conv.id}#${conv.segments.length}`;
+  conv.segments.push({ key, start: seg.start, end: seg.end });
+  await keep('the hologram', () => hpi.store.putHologram(key, seg.bytes, { start: seg.start, end: seg.end }));
+}
+
+/**
+ * Put a conversation on the engine: its holograms from IndexedDB, then the confirmed tokens
+ * of the last answer past them. If a hologram is gone, the anchor's full hologram replaces them.
+ */
+async function loadConversation(conv) {
+  hpi.loaded = null;
+  hpi.engine.rewind(0, null);
+  let fromStore = true;
+  for (const seg of conv.segments) {
+    const kept = await hpi.store.getHologram(seg.key);
+    if (!kept) {
+      fromStore = false;
+      break;
+    }
+    await hpi.engine.addHologram(kept.bytes);
+  }
+  if (!fromStore) {
+    conv.segments = [];
+    await addSegment(conv, await segmentOf(await fetchOk(`/v1/sessions/${conv.session.id}/hologram`,
+      { headers: bearer(conv) })));
+  }
+  hpi.stats.hologramFrom = fromStore ? 'IndexedDB' : 'network';
+  const answer = lastAnswer(conv);
+  const covered = conv.segments.at(-1).end + 1;
+  if (answer && answer.start + answer.ids.length > covered) {
+    await hpi.engine.append(answer.ids.slice(covered - answer.start));
+  }
+  if (hpi.engine.position !== conv.sync.position - 1) {
+    throw new Error(`the kept conversation is inconsistent (${hpi.engine.position} positions for ` +
+      `${conv.sync.position} tokens)`);
+  }
+  hpi.loaded = conv.id;
+}
+
+/** A fresh engine with the pack and the current conversation. */
 async function startEngine() {
   const engine = await Resonator.create(engineOptions);
   engine.onLost = (info) => recover(info);
   status('Loading the model pack onto the GPU…');
   await engine.loadPack(await packBytes(), hpi.model.pack_hash);
-  if (hpi.session) {
-    await engine.addHologram(await hologramBytes(hpi.session));
-    await engine.append(hpi.session.generated);
-  }
   hpi.engine = engine;
+  if (hpi.conv?.mode === 'gpu' && hpi.conv.segments.length) await loadConversation(hpi.conv);
 }
 
 async function recover(info) {
   hpi.recoveries += 1;
+  hpi.reconciler?.stop();
   status(`The GPU device was lost (${info.reason || 'unknown'}: ${info.message}); restarting from IndexedDB…`, true);
   hpi.ready = startEngine().then(() => {
     status(`Recovered from a lost GPU device at position ${hpi.engine.position}.`);
+    render();
     setBusy(false);
   });
   await hpi.ready;
 }
 
-function setBusy(busy) {
-  hpi.busy = busy;
-  $('send').disabled = busy || !hpi.engine;
-  $('more').disabled = busy || !hpi.engine || !hpi.session;
+// ---- answering --------------------------------------------------------------------------
+
+function sampling() {
+  return { temperature: Math.max(0, Math.min(2, Number($('temperature').value) || 0)),
+    seed: Math.floor(Math.random() * 2 ** 32) };
 }
 
-/**
- * Draft `draftSize` tokens at a time and keep what the anchor confirms: the accepted drafts
- * and its own next token. A correction rewinds the engine to just after the last accepted
- * draft; an ack feeds the anchor's extra token after the drafts.
- */
-async function generateVerified(n) {
-  const engine = hpi.engine;
-  const s = hpi.session;
-  const { channel, ready } = await SyncChannel.open(s.id, s.token, {
-    position: s.syncPosition, chain: s.syncChain,
+/** Draft on the GPU and keep what the anchor confirms (or, with sync=0, what the GPU wrote). */
+async function answerOnGpu(conv, n) {
+  const answer = lastAnswer(conv);
+  if (hpi.loaded !== conv.id) await loadConversation(conv);
+  const t0 = performance.now();
+  if (!draftSize) {
+    const ids = await hpi.engine.generate(n, { ...conv.sampling, onTokens: (batch) => {
+      answer.ids.push(...batch);
+      answer.content = decode(answer.ids);
+      conv.sync.position += batch.length;
+      hpi.stats.tokensPerSecond = answer.ids.length / ((performance.now() - t0) / 1000);
+      render();
+    } });
+    answer.ended = ids.some((id) => hpi.engine.eos.has(id));
+    return;
+  }
+  const r = hpi.reconciler = new Reconciler(hpi.engine, conv.session, conv.sync, {
+    draftSize, maxProvisional, drift, ...conv.sampling,
+    onChange: () => {
+      hpi.stats.tokensPerSecond = r.stats.generated / Math.max(r.stats.draftSeconds, 1e-3);
+      render();
+    },
+    onConfirmed: async (tokens, sync) => {
+      answer.ids.push(...tokens);
+      answer.content = decode(answer.ids);
+      answer.ended = tokens.some((id) => hpi.engine.eos.has(id));
+      conv.sync = sync;
+      await persist(conv);
+    },
+    onRefresh: async (ready) => {
+      status('The anchor holds a different history for this conversation; reloading it from the anchor…', true);
+      conv.segments = [];
+      await addSegment(conv, await segmentOf(await fetchOk(`/v1/sessions/${conv.session.id}/hologram`,
+        { headers: bearer(conv) })));
+      answer.ids = [...ready.tokens];
+      answer.content = decode(answer.ids);
+      answer.ended = ready.tokens.some((id) => hpi.engine.eos.has(id));
+      conv.sync = { position: ready.position, chain: ready.chain };
+      await persist(conv);
+    },
   });
-  try {
-    if (ready.tokens.length) throw new Error('the anchor has confirmed tokens this page lacks; start a new session');
-    let done = 0;
-    while (done < n) {
-      const start = engine.position;
-      hpi.provisional = [];
-      const drafts = await engine.generate(Math.min(draftSize, n - done), {
-        onTokens: (ids) => { hpi.provisional.push(...ids); showAnswer(); },
-      });
-      if (drift) {
-        const i = Math.min(1, drafts.length - 1);
-        drafts[i] = (drafts[i] + 1) % engine.cfg.V;
+  await r.run(n);
+}
+
+/** Server-only: the anchor writes the answer (/v1/chat/completions, streamed). */
+async function answerOnServer(conv, n) {
+  const answer = lastAnswer(conv);
+  const messages = conv.turns.filter((t) => t !== answer).map((t) => ({ role: t.role, content: t.content }));
+  const r = await fetchOk('/v1/chat/completions', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ messages, max_tokens: n, stream: true, ...conv.sampling }),
+  });
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  const t0 = performance.now();
+  let buffer = '', chunks = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    const events = buffer.split('\n\n');
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, '');
+      if (data === '[DONE]') continue;
+      const choice = JSON.parse(data).choices[0];
+      if (choice.delta.content) {
+        answer.content += choice.delta.content;
+        chunks += 1;
       }
-      const v = await channel.draft(s.syncPosition, s.syncChain, drafts);
-      const confirmed = [...drafts.slice(0, v.accepted), v.token];
-      if (v.type === 'ack') {
-        await engine.append([v.token]);
-      } else {
-        hpi.corrections += 1;
-        engine.rewind(start + v.accepted + 1, v.token);
-      }
-      s.generated.push(...confirmed);
-      s.syncPosition = v.position;
-      s.syncChain = v.chain;
-      hpi.provisional = [];
-      done += confirmed.length;
-      showAnswer();
-      if (confirmed.some((id) => engine.eos.has(id))) break;
+      if (choice.finish_reason) answer.ended = choice.finish_reason === 'stop';
     }
-  } finally {
-    channel.close();
+    hpi.stats.tokensPerSecond = chunks / ((performance.now() - t0) / 1000);
+    render();
   }
 }
 
 async function generate() {
-  const n = Math.max(1, Math.min(4096, Number($('max-new').value) || 48));
+  const conv = hpi.conv;
+  const n = Math.max(1, Math.min(1024, Number($('max-new').value) || 64));
   setBusy(true);
-  status('Generating on the GPU…');
+  status(hpi.mode === 'gpu' ? 'Writing on the GPU…' : 'The anchor is writing…');
   const engine = hpi.engine;
-  const t0 = performance.now();
-  let count = 0;
   try {
-    if (draftSize) {
-      await generateVerified(n);
-    } else {
-      await engine.generate(n, {
-        onTokens: (ids) => {
-          count += ids.length;
-          hpi.session.generated.push(...ids);
-          hpi.stats.tokensPerSecond = count / ((performance.now() - t0) / 1000);
-          showAnswer();
-        },
-      });
-    }
-    status(engine.nextId !== null && engine.eos.has(engine.nextId) ? 'Done (end of answer).' : 'Done.');
+    await (hpi.mode === 'gpu' ? answerOnGpu(conv, n) : answerOnServer(conv, n));
+    status(lastAnswer(conv).ended ? 'Done (end of answer).' : 'Done.');
   } catch (e) {
     // A lost device fails the step in flight; recover() has taken over by now.
-    if (!engine.isLost) status(`Generation failed: ${e.message}`, true);
+    if (!engine?.isLost) status(`The answer failed: ${e.message}`, true);
   } finally {
-    await keep('the session', () => hpi.store.putSession(hpi.session));
+    await persist(conv);
     if (engine === hpi.engine) setBusy(false);
+    render();
   }
 }
 
-async function send(prompt) {
-  setBusy(true);
-  status('The anchor is reading the prompt…');
-  const r = await fetch('/v1/sessions', {
-    method: 'POST', headers: { 'Content-Type': 'application/json' },
-    body: JSON.stringify({ messages: [{ role: 'user', content: prompt }] }),
-  });
-  const body = await r.json();
-  if (!r.ok) {
-    setBusy(false);
-    return status(`The anchor refused the prompt: ${body.error?.message || r.status}`, true);
+/** The anchor reads the user turn: a new session with its hologram, or a delta for this one. */
+async function readTurn(conv, content) {
+  const json = { 'Content-Type': 'application/json' };
+  if (!conv.session) {
+    const body = await (await fetchOk('/v1/sessions', {
+      method: 'POST', headers: json, body: JSON.stringify({ messages: [{ role: 'user', content }] }),
+    })).json();
+    conv.session = { id: body.session_id, token: body.token };
+    return segmentOf(await fetchOk(body.hologram_url, { headers: bearer(conv) }));
   }
-  hpi.session = { id: body.session_id, token: body.token, modelKey: hpi.model.model_key, prompt, generated: [],
-    created: Date.now() };
-  await keep('the session', () => hpi.store.putSession(hpi.session));
-  hpi.engine.rewind(0, null);
-  const meta = await hpi.engine.addHologram(await hologramBytes(hpi.session));
-  hpi.session.syncPosition = meta.end + 1;  // the prompt's tokens; the chain starts after them
-  hpi.session.syncChain = new Uint8Array(32);
-  showAnswer();
+  const messages = [{ role: 'user', content }];
+  if (!draftSize) messages.unshift({ role: 'assistant', content: text(lastAnswer(conv)) });
+  if (hpi.loaded !== conv.id) await loadConversation(conv);
+  return segmentOf(await fetchOk(`/v1/sessions/${conv.session.id}/messages`, {
+    method: 'POST', headers: { ...json, ...bearer(conv) }, body: JSON.stringify({ messages }),
+  }));
+}
+
+async function send(content) {
+  // A conversation stays with the mode it began in: a server-only one has no hologram.
+  const conv = hpi.conv?.mode === hpi.mode ? hpi.conv : newConversation();
+  setBusy(true);
+  conv.sampling ??= sampling();
+  if (!conv.turns.length) conv.title = content.slice(0, 60);
+  try {
+    if (hpi.mode === 'gpu') {
+      status('The anchor is reading your message…');
+      const seg = await readTurn(conv, content);
+      await addSegment(conv, seg);
+      hpi.loaded = conv.id;
+      conv.sync = { position: seg.end + 1, chain: GENESIS };
+      conv.turns.push({ role: 'user', content }, { role: 'assistant', ids: [], content: '', start: seg.end + 1 });
+    } else {
+      conv.turns.push({ role: 'user', content }, { role: 'assistant', content: '' });
+    }
+  } catch (e) {
+    setBusy(false);
+    return status(`The anchor refused the message: ${e.message}`, true);
+  }
+  if (!hpi.conversations.includes(conv)) hpi.conversations.unshift(conv);
+  await persist(conv);
+  $('prompt').value = '';
+  render();
   await generate();
+}
+
+function newConversation() {
+  hpi.conv = { id: crypto.randomUUID(), title: 'New chat', created: Date.now(), modelKey: hpi.model.model_key,
+    mode: hpi.mode, session: null, sampling: null, turns: [], segments: [], sync: null };
+  hpi.reconciler = null;
+  render();
+  return hpi.conv;
+}
+
+async function switchTo(conv) {
+  if (hpi.busy || conv === hpi.conv) return;
+  hpi.conv = conv;
+  hpi.reconciler = null;
+  render();
+  if (hpi.mode === 'gpu' && conv.mode === 'gpu' && conv.segments.length) {
+    setBusy(true);
+    status('Loading the conversation from IndexedDB…');
+    try {
+      await loadConversation(conv);
+      status(`Conversation loaded at position ${hpi.engine.position}.`);
+    } catch (e) {
+      status(`Could not load the conversation: ${e.message}`, true);
+    }
+    setBusy(false);
+  }
+  render();
+}
+
+async function remove(conv) {
+  if (hpi.busy) return;
+  hpi.conversations = hpi.conversations.filter((c) => c !== conv);
+  await keep('the deletion', () => hpi.store.deleteSession(conv.id));
+  if (conv.session) {
+    fetch(`/v1/sessions/${conv.session.id}`, { method: 'DELETE', headers: bearer(conv) }).catch(() => {});
+  }
+  if (conv === hpi.conv) newConversation();
+  render();
 }
 
 async function boot() {
   hpi.store = await openStore();
-  const models = await (await fetch('/v1/models')).json();
-  hpi.model = models.models[0];
-  const sessions = (await hpi.store.listSessions()).filter((s) => s.modelKey === hpi.model.model_key);
-  hpi.session = sessions.sort((a, b) => b.created - a.created)[0] || null;
-  try {
-    await startEngine();
-  } catch (e) {
-    if (!(e instanceof NoWebGPUError)) throw e;
-    $('nogpu').hidden = false;
-    $('nogpu').textContent = `${e.message} The resonator writes answers with WebGPU; use a browser that ` +
-      'supports it (Chrome or Edge 113+, or Firefox/Safari with WebGPU enabled).';
-    status('WebGPU is not available here.', true);
-    return;
+  hpi.model = (await (await fetchOk('/v1/models')).json()).models[0];
+  hpi.conversations = (await hpi.store.listSessions())
+    .filter((c) => c.modelKey === hpi.model.model_key && Array.isArray(c.turns))
+    .sort((a, b) => b.created - a.created);
+  hpi.conv = hpi.conversations[0] || null;
+  hpi.mode = params.get('mode') === 'server' ? 'server' : 'gpu';
+  if (hpi.mode === 'gpu') {
+    try {
+      await startEngine();
+    } catch (e) {
+      if (!(e instanceof NoWebGPUError)) throw e;
+      hpi.mode = 'server';
+      $('nogpu').hidden = false;
+      $('nogpu').textContent = `${e.message} Answers come from the anchor alone (server-only streaming); ` +
+        'for answers written on your GPU, use a browser with WebGPU (Chrome or Edge 113+, or Firefox/Safari with ' +
+        'WebGPU enabled).';
+    }
   }
-  showAnswer();
-  status(hpi.session ? `Resumed the last conversation at position ${hpi.engine.position}.` : 'Ready.');
+  render();
+  status(hpi.conv ? `Resumed the last conversation${hpi.engine ? ` at position ${hpi.engine.position}` : ''}.`
+    : 'Ready.');
   setBusy(false);
 }
 
 $('ask').addEventListener('submit', (e) => {
   e.preventDefault();
-  const prompt = $('prompt').value.trim();
-  if (prompt && !hpi.busy) send(prompt);
+  const content = $('prompt').value.trim();
+  if (content && !hpi.busy) send(content);
 });
 $('more').addEventListener('click', () => { if (!hpi.busy) generate(); });
+$('new').addEventListener('click', () => { if (!hpi.busy) newConversation(); });
 
 hpi.ready = boot().catch((e) => {
   status(`The page could not start: ${e.message}`, true);

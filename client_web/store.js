@@ -98,11 +98,12 @@ class Store {
     return this.#run('sessions', 'readonly', (tx) => tx.objectStore('sessions').getAll());
   }
 
-  /** Forget a session and its hologram. */
+  /** Forget a session and its holograms: the one kept under `id` and those under `id#<n>`. */
   async deleteSession(id) {
     await this.#run(['sessions', 'holograms'], 'readwrite', (tx) => {
       tx.objectStore('sessions').delete(id);
       tx.objectStore('holograms').delete(id);
+      tx.objectStore('holograms').delete(IDBKeyRange.bound(`${id}#`, `${id}#\uffff`));
     });
   }
 

@@ -5,9 +5,21 @@ import { decode, encode } from './msgpack.js';
 
 export const GENESIS = new Uint8Array(32);
 
+/** An `error` frame from the anchor; `code` is its machine-readable code. */
+export class AnchorError extends Error {
+  constructor(code, message) {
+    super(`anchor: ${code}: ${message}`);
+    this.code = code;
+  }
+}
+
 export class SyncChannel {
-  /** Connect and say hello; resolves to the channel and the anchor's `ready` frame. */
-  static async open(sessionId, token, { position, chain = GENESIS, temperature = 0, seed = 0 }) {
+  /**
+   * Connect and say hello; resolves to the channel and the anchor's `ready` frame.
+   * `stats.bytesSent/bytesReceived` count the frames; `onClose` runs when the socket closes.
+   */
+  static async open(sessionId, token, { position, chain = GENESIS, temperature = 0, seed = 0 },
+    { stats = {}, onClose = () => {} } = {}) {
     const url = new URL(`/v1/sessions/${sessionId}/sync`, location.href);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(url);
@@ -16,15 +28,23 @@ export class SyncChannel {
       ws.onopen = resolve;
       ws.onerror = () => reject(new Error(`cannot reach the anchor's sync channel at ${url}`));
     });
-    const channel = new SyncChannel(ws);
-    const ready = await channel.request({ type: 'hello', token, position, chain, temperature, seed });
-    return { channel, ready };
+    const channel = new SyncChannel(ws, stats, onClose);
+    try {
+      const ready = await channel.request({ type: 'hello', token, position, chain, temperature, seed });
+      return { channel, ready };
+    } catch (e) {
+      channel.close();
+      throw e;
+    }
   }
 
-  constructor(ws) {
+  constructor(ws, stats, onClose) {
     this.ws = ws;
+    this.stats = stats;
     this.waiting = null;
+    this.closed = false;
     ws.onmessage = (e) => {
+      this.stats.bytesReceived = (this.stats.bytesReceived || 0) + e.data.byteLength;
       const w = this.waiting;
       this.waiting = null;
       try {
@@ -33,16 +53,24 @@ export class SyncChannel {
         w?.reject(err);
       }
     };
-    ws.onclose = () => this.waiting?.reject(new Error('the sync channel closed'));
+    ws.onclose = () => {
+      this.closed = true;
+      this.waiting?.reject(new Error('the sync channel closed'));
+      this.waiting = null;
+      onClose();
+    };
   }
 
-  /** Send one frame and wait for the answer; an `error` frame rejects with its message. */
+  /** Send one frame and wait for the answer; an `error` frame rejects with an AnchorError. */
   async request(frame) {
+    if (this.closed) throw new Error('the sync channel is closed');
     if (this.waiting) throw new Error('one request at a time on the sync channel');
     const answer = new Promise((resolve, reject) => { this.waiting = { resolve, reject }; });
-    this.ws.send(encode({ v: 1, ...frame }));
+    const bytes = encode({ v: 1, ...frame });
+    this.stats.bytesSent = (this.stats.bytesSent || 0) + bytes.byteLength;
+    this.ws.send(bytes);
     const reply = await answer;
-    if (reply.type === 'error') throw new Error(`anchor: ${reply.code}: ${reply.message}`);
+    if (reply.type === 'error') throw new AnchorError(reply.code, reply.message);
     return reply;
   }
 

@@ -26,10 +26,11 @@ def chromium_path() -> str | None:
 
 
 @contextmanager
-def serve(app):
-    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL."""
+def serve(app, port: int = 0):
+    """Run an ASGI app with uvicorn on 127.0.0.1 (`port`, or a free one); yields its base URL."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted anchor takes the same port
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

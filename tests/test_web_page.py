@@ -18,10 +18,11 @@ N = 6
 
 
 class Page:
-    """The page plus the requests it made, by kind."""
+    """The chat page plus the requests it made, by kind."""
 
-    def __init__(self, context, base: str):
+    def __init__(self, context, base: str, query: str = ""):
         self.base = base
+        self.query = query
         self.page = context.new_page()
         self.requests: list[str] = []
         self.errors: list[str] = []
@@ -33,35 +34,40 @@ class Page:
 
     def open(self) -> None:
         self.requests.clear()
-        self.page.goto(f"{self.base}/client/")
+        self.page.goto(f"{self.base}/client/{self.query}")
         self.page.wait_for_function("window.hpi && window.hpi.ready", timeout=60_000)
         self.page.evaluate("() => window.hpi.ready")
 
     def wait_idle(self) -> None:
-        self.page.wait_for_function("!window.hpi.busy", timeout=120_000)
+        self.page.wait_for_function("!window.hpi.busy", timeout=300_000)
 
-    def ask(self, prompt: str, n: int) -> None:
+    def ask(self, prompt: str, n: int, wait: bool = True) -> None:
+        turns = self.page.evaluate("() => window.hpi.conv ? window.hpi.conv.turns.length : 0")
         self.page.fill("#max-new", str(n))
         self.page.fill("#prompt", prompt)
         self.page.click("#send")
-        self.page.wait_for_function("window.hpi.session && window.hpi.session.generated.length > 0", timeout=120_000)
-        self.wait_idle()
+        self.page.wait_for_function(f"window.hpi.conv && window.hpi.conv.turns.length > {turns}", timeout=120_000)
+        if wait:
+            self.wait_idle()
 
     def more(self, n: int) -> None:
-        before = self.tokens()
+        before = len(self.tokens())
         self.page.fill("#max-new", str(n))
         self.page.click("#more")
-        self.page.wait_for_function(f"window.hpi.session.generated.length >= {len(before) + 1}", timeout=120_000)
+        self.page.wait_for_function(f"window.hpi.conv.turns.at(-1).ids.length > {before} || !window.hpi.busy",
+                                    timeout=120_000)
         self.wait_idle()
 
     def tokens(self) -> list[int]:
-        return self.page.evaluate("() => window.hpi.session.generated")
+        """The last answer's confirmed token ids."""
+        return self.page.evaluate("() => window.hpi.conv.turns.at(-1).ids")
 
     def session(self) -> dict:
-        return self.page.evaluate("() => ({id: window.hpi.session.id, token: window.hpi.session.token})")
+        return self.page.evaluate("() => window.hpi.conv.session")
 
 
 def reference(base: str, anchor, session: dict, n: int) -> list[int]:
+    """What the resonator alone writes from the anchor's hologram of the session."""
     r = httpx.get(f"{base}/v1/sessions/{session['id']}/hologram",
                   headers={"Authorization": f"Bearer {session['token']}"}, timeout=60)
     res = Resonator(anchor.pack_bytes)
@@ -78,13 +84,13 @@ def context(browser):
 
 def test_answer_matches_the_reference_and_a_reload_resumes_without_downloads(context, tiny_server):
     base, anchor = tiny_server
-    p = Page(context, base)
+    p = Page(context, base, "?sync=0")  # the resonator alone, unverified
     p.open()
     assert p.count("/pack") == 1
     p.ask(PROMPT, N)
     first = p.tokens()
     assert first == reference(base, anchor, p.session(), N)[:len(first)]
-    assert p.page.inner_text("#output") != ""
+    assert p.page.inner_text("#messages .msg.assistant") != ""
 
     p.open()  # reload: pack and hologram come from IndexedDB
     assert p.count("/pack") == 0 and p.count("/hologram") == 0
@@ -125,7 +131,7 @@ def test_a_corrupted_pack_in_indexeddb_is_detected_and_fetched_again(context, ti
 
 def test_a_lost_device_restarts_from_indexeddb_and_continues_exactly(context, tiny_server):
     base, anchor = tiny_server
-    p = Page(context, base)
+    p = Page(context, base, "?sync=0")
     p.open()
     p.ask(PROMPT, N)
     p.requests.clear()
@@ -138,12 +144,17 @@ def test_a_lost_device_restarts_from_indexeddb_and_continues_exactly(context, ti
     assert p.count("/pack") == 0 and p.count("/hologram") == 0
 
 
-def test_without_webgpu_the_page_says_so(context, tiny_server):
+def test_without_webgpu_the_anchor_answers_alone_and_says_so(context, tiny_server):
     base, _ = tiny_server
     context.add_init_script("delete Navigator.prototype.gpu")
     p = Page(context, base)
-    p.page.goto(f"{base}/client/")
-    p.page.wait_for_selector("#nogpu:not([hidden])", timeout=30_000)
-    assert "WebGPU" in p.page.inner_text("#nogpu")
-    assert p.page.is_disabled("#send")
+    p.open()
+    assert "WebGPU" in p.page.inner_text("#nogpu") and p.page.is_visible("#nogpu")
+    p.ask(PROMPT, N)
+    answer = p.page.evaluate("() => window.hpi.conv.turns.at(-1).content")
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": PROMPT}], "max_tokens": N})
+    assert answer == r.json()["choices"][0]["message"]["content"] != ""
+    assert "server only" in p.page.inner_text("#stats")
+    assert p.count("/pack") == 0 and p.count("/v1/sessions") == 0
     assert not p.errors, p.errors
