@@ -29,7 +29,9 @@ class Caches:
     """One conversation's exact state: its token ids and the KV caches over all of them.
 
     After verification (server/verify.py) the last confirmed id is `pending`, not yet in the
-    anchor's cache; after a prefill, `next_logits` are the anchor's logits after the last id.
+    anchor's cache, and a separate resonator cache lacks every verified id (`prefill` and
+    `hologram_bytes` catch it up); after a prefill, `next_logits` are the anchor's logits after
+    the last id.
     """
     ids: list[int] = field(default_factory=list)
     anchor: DynamicCache | None = None
@@ -97,25 +99,38 @@ class Anchor:
 
     @torch.no_grad()
     def prefill(self, caches: Caches, new_ids: list[int]) -> torch.Tensor:
-        """Extend the exact caches by `new_ids`; return the anchor's logits [V] after the last one."""
+        """Bring the exact caches up to `caches.ids + new_ids`; return the anchor's logits [V] after the last id.
+
+        Each cache is fed the ids it lacks by its own length: besides `new_ids`, the anchor's
+        cache lacks a `pending` verified token, and a separate resonator cache every verified
+        token (verification runs the anchor model alone).
+        """
         if not new_ids:
             raise ValueError("nothing to prefill")
-        if caches.pending is not None:
-            raise ValueError("the conversation has a verified token not yet in the cache; feed it first")
         if caches.anchor is None:
             caches.anchor = DynamicCache(config=self.lm.config)
             if self.res_lm is not self.lm:
                 caches.resonator = DynamicCache(config=self.res_lm.config)
-        dev = self.lm.model.device
-        x = torch.tensor([new_ids], device=dev)
-        out = self.lm.model(input_ids=x, cache=caches.anchor, use_cache=True, logits_to_keep=1)
-        METRICS.add("hpi_forward_passes_total")
+        ids = caches.ids + list(new_ids)
+        logits = self._feed(self.lm, caches.anchor, ids)
         if caches.resonator is not None:
-            self.res_lm.model(input_ids=x.to(self.res_lm.model.device), cache=caches.resonator,
-                              use_cache=True, logits_to_keep=1)
-        caches.ids.extend(new_ids)
-        caches.next_logits = out.logits[0, -1].float().cpu()
-        return caches.next_logits
+            self._feed(self.res_lm, caches.resonator, ids)
+        caches.ids = ids
+        caches.pending = None
+        caches.next_logits = logits
+        return logits
+
+    @staticmethod
+    @torch.no_grad()
+    def _feed(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+        """Run the ids past the cache's length through `lm` into it; the logits [V] after the last."""
+        missing = ids[cache.get_seq_length():]
+        if not missing:
+            raise ValueError(f"the cache already holds all {len(ids)} tokens")
+        x = torch.tensor([missing], device=lm.model.device)
+        out = lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        METRICS.add("hpi_forward_passes_total")
+        return out.logits[0, -1].float().cpu()
 
     def hologram_bytes(self, caches: Caches, start: int = 0) -> bytes:
         """The `.holo` conversation hologram of KV positions [start, len(ids) - 1)."""
@@ -123,6 +138,8 @@ class Anchor:
         end = len(caches.ids) - 1
         if cache is None or not 0 <= start <= end:
             raise ValueError(f"no hologram segment [{start}, {end})")
+        if cache is caches.resonator and cache.get_seq_length() < end:
+            self._feed(self.res_lm, cache, caches.ids[:end])  # verified tokens, fed to the anchor alone
         keys = torch.stack([layer.keys[0, :, start:end] for layer in cache.layers])  # [L, G, T, Dh]
         values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
         return hologram.build(keys.float().cpu(), values.float().cpu(), start=start,

@@ -1,8 +1,10 @@
 """Conversation sessions on the anchor: exact KV caches, the holograms sent from them, and limits.
 
-A session grows only at its end: a new turn must render to tokens that extend the ones
-already prefilled, so the anchor prefills just the new tokens and sends a hologram delta
-starting where the last hologram it sent ended.
+A session grows only at its end: a new turn adds tokens after the ones already prefilled
+(its messages must render to an extension of them, or, after an answer synced over the
+reconciliation channel, the anchor renders what follows that answer), so the anchor
+prefills just the new tokens and sends a hologram delta starting where the last hologram it
+sent ended.
 
 Capacity errors (too many sessions, KV memory full) are 503: the server is busy, the
 request itself is fine and may succeed once other sessions are deleted. A request that
@@ -23,6 +25,7 @@ from functools import cached_property
 from protocol import frames
 from protocol.holo import content_hash
 from server.anchor import Anchor, Caches
+from server import turns
 from server.config import Settings
 from server.verify import verify
 
@@ -51,6 +54,10 @@ class PromptTooLong(SessionError):
 
 class PrefixMismatch(SessionError):
     status, code = 409, "prefix_mismatch"
+
+
+class AnswerConfirmed(SessionError):
+    status, code = 409, "answer_confirmed"
 
 
 class TooManySessions(SessionError):
@@ -94,8 +101,9 @@ class Session:
     last_used: float = field(default_factory=time.time)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Reconciliation: the chain hash after each token from chain_base on (protocol/SPEC.md),
-    # and the session's sampling, fixed by the first page that syncs.
+    # Reconciliation (protocol/SPEC.md): the chain hash after each token from chain_base, where
+    # the current answer starts (the end of the prompt or of the last appended turn), and the
+    # session's sampling, fixed by the first page that syncs.
     chain_base: int = 0
     chains: list[bytes] = field(default_factory=lambda: [frames.GENESIS])
     sampling: tuple[float, int] | None = None
@@ -171,7 +179,36 @@ class SessionStore:
         return session.full
 
     def append(self, session: Session, messages: list[dict]) -> Segment:
-        """Prefill the tokens `messages` add to the conversation; return the hologram delta."""
+        """Prefill the tokens `messages` add to the conversation; return the hologram delta.
+
+        After an answer the page decoded alone, `messages` start with that answer as text,
+        exactly as generated. After an answer confirmed over the sync channel (the chain grew
+        past `chain_base`) the anchor already holds its exact tokens: `messages` are only the
+        new ones, and the anchor closes the answer's turn itself. Either way the chain then
+        restarts at the new end of the conversation.
+        """
+        if session.n_tokens > session.chain_base:
+            ids, messages = self._after_synced_answer(session, messages)
+        else:
+            ids = self._extending(session, messages)
+        self._check_prompt(len(ids), "the conversation")
+        with self._lock:
+            self._reserve(session, len(ids))
+        try:
+            self.anchor.prefill(session.caches, ids[session.n_tokens:])
+        except Exception:
+            # A failed prefill may have extended some layers and not others: the state is lost.
+            self.delete(session)
+            raise
+        session.messages.extend(messages)
+        session.chain_base, session.chains = session.n_tokens, [frames.GENESIS]
+        session.full = None
+        delta = self._build(session, session.holo_end)
+        session.holo_end = delta.end
+        return delta
+
+    def _extending(self, session: Session, messages: list[dict]) -> list[int]:
+        """The conversation's ids with `messages`, which must extend the prefilled ones."""
         old = session.caches.ids
         ids = self.anchor.lm.chat_ids(session.messages + list(messages))
         if len(ids) <= len(old) or ids[:len(old)] != old:
@@ -180,20 +217,18 @@ class SessionStore:
                 f"the conversation with these messages does not extend the session's {len(old)} tokens "
                 f"(they differ from token {at}); append the assistant's reply before a new user turn, "
                 "exactly as generated")
-        self._check_prompt(len(ids), "the conversation")
-        with self._lock:
-            self._reserve(session, len(ids))
-        try:
-            self.anchor.prefill(session.caches, ids[len(old):])
-        except Exception:
-            # A failed prefill may have extended some layers and not others: the state is lost.
-            self.delete(session)
-            raise
-        session.messages.extend(messages)
-        session.full = None
-        delta = self._build(session, session.holo_end)
-        session.holo_end = delta.end
-        return delta
+        return ids
+
+    def _after_synced_answer(self, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
+        """The conversation's ids after the synced answer and `messages`, and the turns to record."""
+        if any(m["role"] == "assistant" for m in messages):
+            raise AnswerConfirmed(
+                f"the anchor already holds the confirmed answer ({session.n_tokens - session.chain_base} "
+                "tokens verified over the sync channel); send only the new user or system messages")
+        lm = self.anchor.lm
+        answer = session.caches.ids[session.chain_base:]
+        ids = session.caches.ids + turns.next_turn_ids(lm, session.messages, answer, list(messages))
+        return ids, [{"role": "assistant", "content": turns.answer_text(lm, answer)}, *messages]
 
     def ready(self, session: Session, position: int, chain: bytes, sampling: tuple[float, int]) -> frames.Ready:
         """Answer a page's hello: the confirmed tokens it lacks, or all of them if its chain is not ours."""

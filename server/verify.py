@@ -8,7 +8,7 @@ correction of the first mismatch, or one more token when every draft matched. So
 confirmed tokens are exactly the anchor's, whatever the drafts were.
 
 The confirmed token after the accepted prefix has no KV yet (`Caches.pending`); the next
-pass feeds it first. The cache is cropped back to the confirmed tokens, so rejected drafts
+pass, or the prefill of a new turn, feeds it first. The cache is cropped back to the confirmed tokens, so rejected drafts
 leave nothing behind.
 """
 

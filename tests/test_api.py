@@ -1,6 +1,7 @@
 import pytest
 from fastapi.testclient import TestClient
 
+from protocol import frames
 from protocol.holo import content_hash, load_hologram
 from server.anchor import Anchor
 from server.app import create_app
@@ -107,6 +108,8 @@ def test_session_hologram_and_append(client, anchor):
     # Only the new tokens were prefilled: the same cache object, now exactly n2 long.
     assert session.caches.anchor is cache_before
     assert session.caches.anchor.get_seq_length() == n2 == len(session.caches.ids)
+    # The sync channel's chain restarts at the new end, where the next answer starts.
+    assert (session.chain_base, session.chains) == (n2, [frames.GENESIS])
 
     # The full hologram now spans the whole conversation; the next delta starts at its end.
     full = load_hologram(client.get(body["hologram_url"], headers=auth).content).meta

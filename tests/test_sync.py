@@ -11,6 +11,7 @@ from server import completions
 from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
+from tests.syncing import chain_of, send
 
 MESSAGES = [{"role": "user", "content": "Tell me about the reconciliation channel."}]
 
@@ -25,18 +26,6 @@ def session(client) -> dict:
     r = client.post("/v1/sessions", json={"messages": MESSAGES})
     assert r.status_code == 201
     return r.json()
-
-
-def send(ws, **frame) -> dict:
-    ws.send_bytes(msgpack.packb({"v": 1, **frame}, use_bin_type=True))
-    return msgpack.unpackb(ws.receive_bytes(), raw=False)
-
-
-def chain_of(tokens: list[int]) -> bytes:
-    c = frames.GENESIS
-    for t in tokens:
-        c = frames.chain_next(c, t)
-    return c
 
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 11)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from server import completions
 from server.anchor import Anchor, Caches
@@ -59,8 +60,23 @@ def test_wrong_drafts_are_corrected_one_token_per_pass(anchor, tiny):
     assert caches.ids[len(prompt):] == truth[:1] and caches.anchor.get_seq_length() == len(prompt)
     v = verify(tiny, caches, truth[1:3])
     assert (v.accepted, v.token, v.corrected) == (2, truth[3], False)
-    with pytest.raises(ValueError, match="verified token"):
-        anchor.prefill(caches, [1, 2])
+
+
+def test_a_prefill_after_verification_feeds_the_pending_token_first(anchor, tiny):
+    prompt = tiny.chat_ids(MESSAGES)
+    truth = list(completions.decode(tiny, prompt, 4))
+    caches = Caches()
+    anchor.prefill(caches, prompt)
+    verify(tiny, caches, truth[:2])
+    assert caches.pending == truth[2]
+    turn = tiny.tokenizer("<|im_end|>\nmore", add_special_tokens=False)["input_ids"]
+    logits = anchor.prefill(caches, turn)
+    whole = prompt + truth[:3] + turn
+    assert caches.ids == whole and caches.pending is None and caches.anchor.get_seq_length() == len(whole)
+    fresh = Caches()
+    assert torch.allclose(logits, anchor.prefill(fresh, whole), atol=1e-5)
+    for got, want in zip(caches.anchor.layers, fresh.anchor.layers):
+        assert torch.allclose(got.keys, want.keys, atol=1e-5) and torch.allclose(got.values, want.values, atol=1e-5)
 
 
 def test_verify_needs_a_prefilled_session(tiny):
