@@ -182,3 +182,32 @@ def test_a_chain_the_anchor_does_not_know_reloads_the_full_hologram(context, anc
     assert stats(p)["refreshes"] == 1 and p.count("/hologram") == 1
     assert len(c["turns"][-1]["ids"]) > 8 and c["turns"][-1]["ids"] == anchor.alone(c)
     assert not p.errors, p.errors
+
+
+@pytest.mark.real_model
+def test_smollm2_answers_exactly_through_a_drop_a_reload_and_drift(browser, smollm_anchor, tmp_path):
+    a = Anchor(smollm_anchor, tmp_path)
+    ctx = browser.new_context()
+    try:
+        p = Page(ctx, a.url, "?sync=8")
+        link = Link(p.page)
+        p.open()
+        p.ask("Explain in a few sentences how a CPU cache works.", 24, wait=False)
+        p.page.wait_for_function("window.hpi.reconciler && window.hpi.reconciler.stats.passes >= 1", timeout=120_000)
+        link.cut(refuse=False)
+        p.wait_idle()
+        c = conv(p)
+        assert len(c["turns"][-1]["ids"]) >= 24 and c["turns"][-1]["ids"] == a.alone(c)
+        assert stats(p)["reconnects"] >= 1
+
+        p.query = "?sync=8&drift=1"
+        p.open()  # reload: pack and hologram from IndexedDB, then the answer goes on through corrections
+        assert p.count("/pack") == 0 and p.count("/hologram") == 0
+        p.more(8)
+        c = conv(p)
+        assert len(c["turns"][-1]["ids"]) >= 32 and c["turns"][-1]["ids"] == a.alone(c)
+        assert stats(p)["corrections"] >= 1
+        assert not p.errors, p.errors
+    finally:
+        ctx.close()
+        a.stop()
