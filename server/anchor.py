@@ -120,6 +120,16 @@ class Anchor:
         caches.next_logits = logits
         return logits
 
+    def restore(self, ids: list[int], pending: bool) -> Caches:
+        """Caches rebuilt from a conversation's ids; with `pending`, the last id is confirmed but
+        left out of the KV, as verification leaves it."""
+        caches = Caches()
+        self.prefill(caches, ids[:-1] if pending else ids)
+        if pending:
+            caches.ids.append(ids[-1])
+            caches.pending, caches.next_logits = ids[-1], None
+        return caches
+
     @staticmethod
     @torch.no_grad()
     def _feed(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:

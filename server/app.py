@@ -367,7 +367,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, response_class=Response)
     def delete_session(session_id: str, st: Store, creds: Credentials):
-        with st.use(session_id, token(creds)) as s:
+        with st.use(session_id, token(creds), wake=False) as s:
             st.delete(s)
         return Response(status_code=204)
 

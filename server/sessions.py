@@ -6,14 +6,23 @@ reconciliation channel, the anchor renders what follows that answer), so the anc
 prefills just the new tokens and sends a hologram delta starting where the last hologram it
 sent ended.
 
-Capacity errors (too many sessions, KV memory full) are 503: the server is busy, the
-request itself is fine and may succeed once other sessions are deleted. A request that
-can never succeed because of its own size (prompt over the token limit) is 413.
+Every session is kept on disk as its transcript (server/transcripts.py), written before any
+reply that reveals a change: after creation, each appended turn, each verified draft, the
+session's sampling and each full hologram sent. So nothing the anchor has told a client is
+lost when it restarts. Then the store indexes the transcripts, and a session's caches are
+rebuilt from its token ids on its first use. If a write fails, the session goes back to its
+last transcript (and the reply is an error), so memory never runs ahead of the disk.
+
+Capacity errors (too many sessions in memory, KV memory full) are 503: the server is busy,
+the request itself is fine and may succeed once other sessions are deleted. They apply
+when a session gets its caches: at creation, and at the first use after a restart. A
+request that can never succeed because of its own size (prompt over the token limit) is 413.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -24,10 +33,13 @@ from functools import cached_property
 
 from protocol import frames
 from protocol.holo import content_hash
-from server.anchor import Anchor, Caches
 from server import turns
+from server.anchor import Anchor, Caches
 from server.config import Settings
+from server.transcripts import Transcript, TranscriptDir
 from server.verify import verify
+
+log = logging.getLogger(__name__)
 
 
 class SessionError(Exception):
@@ -66,6 +78,10 @@ class TooManySessions(SessionError):
 
 class KVMemoryFull(SessionError):
     status, code = 503, "kv_memory_full"
+
+
+class StorageError(SessionError):
+    status, code = 500, "storage_error"
 
 
 class StaleDraft(SessionError):
@@ -107,6 +123,7 @@ class Session:
     chain_base: int = 0
     chains: list[bytes] = field(default_factory=lambda: [frames.GENESIS])
     sampling: tuple[float, int] | None = None
+    saved: Transcript | None = None  # the last transcript written: what a restart would bring back
 
     @property
     def n_tokens(self) -> int:
@@ -118,12 +135,17 @@ class SessionStore:
         self.anchor = anchor
         self.settings = settings
         self.kv_bytes_per_token = anchor.kv_bytes_per_token()
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, Session] = {}  # with the ones restored from transcripts, not yet in memory
+        self._live = 0  # sessions holding caches
         self._kv_tokens = 0
-        self._lock = threading.Lock()  # guards _sessions and _kv_tokens; taken after a session lock
+        self._lock = threading.Lock()  # guards _sessions, _live and _kv_tokens; taken after a session lock
+        self.transcripts = TranscriptDir(settings.sessions_path())
+        for t in self.transcripts.load_all():
+            self._index(t)
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        """Sessions in memory: the ones the limits count."""
+        return self._live
 
     @property
     def kv_bytes(self) -> int:
@@ -134,10 +156,7 @@ class SessionStore:
         self._check_prompt(len(ids), "the prompt")
         session = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), messages=list(messages))
         with self._lock:
-            if len(self._sessions) >= self.settings.max_sessions:
-                raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions; "
-                                      "retry after other sessions are deleted")
-            self._reserve(session, len(ids))
+            self._admit(session, len(ids))
             self._sessions[session.id] = session
         # No lock needed: nobody else can reach the session before its token is returned.
         try:
@@ -147,6 +166,7 @@ class SessionStore:
         except Exception:
             self.delete(session)
             raise
+        self._save(session)
         return session
 
     def get(self, session_id: str, token: str | None) -> Session:
@@ -162,20 +182,25 @@ class SessionStore:
         return session
 
     @contextmanager
-    def use(self, session_id: str, token: str | None) -> Iterator[Session]:
-        """Hold the session's lock: one request at a time changes or reads its caches."""
+    def use(self, session_id: str, token: str | None, wake: bool = True) -> Iterator[Session]:
+        """Hold the session's lock: one request at a time changes or reads its caches, which are
+        rebuilt first if the session was restored from its transcript (unless `wake` is false)."""
         session = self.get(session_id, token)
         with session.lock:
             if session.closed:
                 raise SessionNotFound(f"session {session_id!r} was deleted")
             session.last_used = time.time()
+            if wake and session.caches.anchor is None:
+                self._wake(session)
             yield session
 
     def full_hologram(self, session: Session) -> Segment:
         """The hologram of the whole conversation; later deltas start at its end."""
         if session.full is None:
             session.full = self._build(session, 0)
-        session.holo_end = session.full.end
+        if session.holo_end != session.full.end:
+            session.holo_end = session.full.end
+            self._save(session)
         return session.full
 
     def append(self, session: Session, messages: list[dict]) -> Segment:
@@ -197,14 +222,15 @@ class SessionStore:
         try:
             self.anchor.prefill(session.caches, ids[session.n_tokens:])
         except Exception:
-            # A failed prefill may have extended some layers and not others: the state is lost.
-            self.delete(session)
+            # A failed prefill may have extended some layers and not others.
+            self._revert(session)
             raise
         session.messages.extend(messages)
         session.chain_base, session.chains = session.n_tokens, [frames.GENESIS]
         session.full = None
         delta = self._build(session, session.holo_end)
         session.holo_end = delta.end
+        self._save(session)
         return delta
 
     def _extending(self, session: Session, messages: list[dict]) -> list[int]:
@@ -234,6 +260,7 @@ class SessionStore:
         """Answer a page's hello: the confirmed tokens it lacks, or all of them if its chain is not ours."""
         if session.sampling is None:
             session.sampling = sampling
+            self._save(session)
         elif session.sampling != sampling:
             raise SamplingMismatch(f"this session samples with (temperature, seed) = {session.sampling}")
         at = position - session.chain_base
@@ -254,10 +281,15 @@ class SessionStore:
             raise StaleDraft(f"token ids must be below the vocabulary size {vocab}")
         with self._lock:
             self._reserve(session, session.n_tokens + len(tokens) + 1)
-        v = verify(self.anchor.lm, session.caches, tokens, *session.sampling)
+        try:
+            v = verify(self.anchor.lm, session.caches, tokens, *session.sampling)
+        except Exception:
+            self._revert(session)  # the pass may have left the cache half extended
+            raise
         for t in tokens[:v.accepted] + [v.token]:
             session.chains.append(frames.chain_next(session.chains[-1], t))
         session.full = None
+        self._save(session)  # before the verdict: what the page is told is confirmed survives a restart
         return frames.Verdict(v=1, type="correction" if v.corrected else "ack", accepted=v.accepted,
                               token=v.token, position=session.n_tokens, chain=session.chains[-1])
 
@@ -270,6 +302,14 @@ class SessionStore:
         if n > limit:
             raise PromptTooLong(f"{what} is {n} tokens; the limit per session is {limit}")
 
+    def _admit(self, session: Session, n_tokens: int) -> None:
+        """Hold memory for the session's caches over `n_tokens`; 503 when the server is full.
+        Callers hold the store's lock."""
+        if not session.reserved_tokens and self._live >= self.settings.max_sessions:
+            raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions in "
+                                  "memory; retry after other sessions are deleted")
+        self._reserve(session, n_tokens)
+
     def _reserve(self, session: Session, n_tokens: int) -> None:
         extra = n_tokens - session.reserved_tokens
         need = (self._kv_tokens + extra) * self.kv_bytes_per_token
@@ -277,15 +317,84 @@ class SessionStore:
             raise KVMemoryFull(f"{n_tokens} tokens need {extra * self.kv_bytes_per_token} more bytes of KV "
                                f"memory; {self.kv_bytes} of {self.settings.max_kv_bytes} bytes are in use; "
                                "retry after other sessions are deleted")
+        self._live += not session.reserved_tokens
         self._kv_tokens += extra
         session.reserved_tokens = n_tokens
 
+    def _release(self, session: Session) -> None:
+        """Give back the session's memory; callers hold the store's lock."""
+        self._live -= bool(session.reserved_tokens)
+        self._kv_tokens -= session.reserved_tokens
+        session.reserved_tokens = 0
+
+    def _index(self, t: Transcript) -> None:
+        """Restore a session from its transcript at startup, unless it belongs to another model."""
+        lm = self.anchor.lm
+        why = None
+        if t.model_id != lm.model_id:
+            why = f"it is a conversation of model {t.model_id}, not of the anchor's {lm.model_id}"
+        elif max(t.ids) >= lm.config.vocab_size:
+            why = f"it holds token ids beyond the vocabulary size {lm.config.vocab_size}"
+        if why:
+            log.warning("skipping the transcript of session %s: %s", t.id, why)
+            return
+        session = Session(t.id, t.token, created=t.created)
+        self._restore(session, t)
+        self._sessions[t.id] = session
+
+    def _restore(self, session: Session, t: Transcript) -> None:
+        """Make the session what its transcript says, without caches: `use` rebuilds them."""
+        with self._lock:
+            self._release(session)
+        session.messages = [m.model_dump() for m in t.messages]
+        session.caches = Caches(ids=list(t.ids), pending=t.ids[-1] if t.pending else None)
+        session.chain_base, session.chains = t.chain_base, [frames.GENESIS]
+        for token in t.ids[t.chain_base:]:
+            session.chains.append(frames.chain_next(session.chains[-1], token))
+        session.sampling, session.holo_end = t.sampling, t.holo_end
+        session.full = None
+        session.saved = t
+
+    def _wake(self, session: Session) -> None:
+        """Rebuild a restored session's caches from its token ids (prefill; KV limits apply)."""
+        pending = session.caches.pending is not None
+        with self._lock:
+            self._admit(session, session.n_tokens)
+        try:
+            session.caches = self.anchor.restore(session.caches.ids, pending)
+        except Exception:
+            with self._lock:
+                self._release(session)
+            raise
+
+    def _save(self, session: Session) -> None:
+        """Write the session's transcript; if that fails, go back to the last one written."""
+        c = session.caches
+        t = Transcript(id=session.id, token=session.token, model_id=self.anchor.lm.model_id,
+                       messages=session.messages, ids=list(c.ids), pending=c.pending is not None,
+                       chain_base=session.chain_base, sampling=session.sampling, holo_end=session.holo_end,
+                       created=session.created)
+        try:
+            self.transcripts.save(t)
+        except OSError as e:
+            self._revert(session)
+            raise StorageError(f"the session could not be saved ({e}); it continues from its last "
+                               "saved state: say hello again") from e
+        session.saved = t
+
+    def _revert(self, session: Session) -> None:
+        """Back to the last transcript written, or gone if none was."""
+        if session.saved is None:
+            self.delete(session)
+        else:
+            self._restore(session, session.saved)
+
     def delete(self, session: Session) -> None:
-        """Free the session's caches; callers outside this class hold its lock (see `use`)."""
+        """Free the session and remove its transcript; callers outside this class hold its lock (see `use`)."""
+        self.transcripts.delete(session.id)
         session.closed = True
         session.caches = Caches()
         session.full = None
         with self._lock:
             if self._sessions.pop(session.id, None) is session:
-                self._kv_tokens -= session.reserved_tokens
-            session.reserved_tokens = 0
+                self._release(session)

@@ -46,24 +46,27 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny):
-    """The real anchor app on the tiny model, on a loopback port: (base URL, anchor)."""
+def tiny_server(tiny, tmp_path_factory):
+    """The real anchor app on the tiny model, on a loopback port: (base URL, anchor). Its session
+    transcripts go to a directory of this run, so sessions never pile up across runs."""
     from server.anchor import Anchor
     from server.app import create_app
     from server.config import Settings
     from tests.browser import serve
     anchor = Anchor(tiny)
-    with serve(create_app(Settings(), anchor)) as url:
+    settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("tiny-sessions")))
+    with serve(create_app(settings, anchor)) as url:
         yield url, anchor
 
 
 @pytest.fixture(scope="session")
-def smollm_server(smollm_anchor):
-    """The real anchor app on SmolLM2: (base URL, anchor)."""
+def smollm_server(smollm_anchor, tmp_path_factory):
+    """The real anchor app on SmolLM2: (base URL, anchor); session transcripts as for tiny_server."""
     from server.app import create_app
     from server.config import Settings
     from tests.browser import serve
-    with serve(create_app(Settings(), smollm_anchor)) as url:
+    settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("smollm-sessions")))
+    with serve(create_app(settings, smollm_anchor)) as url:
         yield url, smollm_anchor
 
 

@@ -17,11 +17,12 @@ def anchor(tiny):
 
 
 @pytest.fixture
-def make_client(anchor):
+def make_client(anchor, tmp_path):
     clients = []
 
     def make(**limits) -> TestClient:
-        client = TestClient(create_app(Settings(**limits), anchor))
+        sessions = tmp_path / f"sessions-{len(clients)}"  # each app starts without transcripts
+        client = TestClient(create_app(Settings(sessions_dir=str(sessions), **limits), anchor))
         clients.append(client.__enter__())  # runs the lifespan
         return client
 
@@ -241,8 +242,8 @@ def test_body_size_limit_413(make_client):
 
 
 @pytest.mark.real_model
-def test_real_model_session(smollm_anchor):
-    with TestClient(create_app(Settings(), smollm_anchor)) as client:
+def test_real_model_session(smollm_anchor, tmp_path):
+    with TestClient(create_app(Settings(sessions_dir=str(tmp_path)), smollm_anchor)) as client:
         body, auth = create(client, [{"role": "user", "content": "Name a colour."}])
         r = client.get(body["hologram_url"], headers=auth)
         assert r.status_code == 200

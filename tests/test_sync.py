@@ -17,8 +17,9 @@ MESSAGES = [{"role": "user", "content": "Tell me about the reconciliation channe
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(create_app(Settings(), Anchor(tiny))) as c:
+def client(tiny, tmp_path_factory):
+    settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("sessions")))
+    with TestClient(create_app(settings, Anchor(tiny))) as c:
         yield c
 
 

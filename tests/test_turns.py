@@ -3,6 +3,8 @@ and the next answer is again exactly the anchor's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -28,8 +30,8 @@ def other(tmp_path_factory):
     return load_model(str(build_tiny_llama(tmp_path_factory.mktemp("other") / "llama", seed=1)), device="cpu")
 
 
-def client_for(anchor: Anchor) -> TestClient:
-    return TestClient(create_app(Settings(), anchor))
+def client_for(anchor: Anchor, sessions: Path) -> TestClient:
+    return TestClient(create_app(Settings(sessions_dir=str(sessions)), anchor))
 
 
 def create(client) -> tuple[dict, dict]:
@@ -50,8 +52,8 @@ def synced_turn(client, body: dict, position: int, truth: list[int], temperature
 
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 5)])
-def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, temperature, seed):
-    with client_for(Anchor(tiny)) as client:
+def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, tmp_path, temperature, seed):
+    with client_for(Anchor(tiny), tmp_path) as client:
         body, auth = create(client)
         prompt = tiny.chat_ids(MESSAGES)
         first = client.get(body["hologram_url"], headers=auth)
@@ -80,8 +82,8 @@ def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, temperature, s
         assert synced_turn(client, body, len(conv), truth2, temperature, seed) == truth2
 
 
-def test_an_assistant_message_after_a_synced_answer_is_refused(tiny):
-    with client_for(Anchor(tiny)) as client:
+def test_an_assistant_message_after_a_synced_answer_is_refused(tiny, tmp_path):
+    with client_for(Anchor(tiny), tmp_path) as client:
         body, auth = create(client)
         prompt = tiny.chat_ids(MESSAGES)
         synced_turn(client, body, len(prompt), list(completions.decode(tiny, prompt, 4)), 0.0, 0)
@@ -92,9 +94,9 @@ def test_an_assistant_message_after_a_synced_answer_is_refused(tiny):
         assert client.post(url, headers=auth, json={"messages": FOLLOW_UP}).status_code == 200
 
 
-def test_a_separate_resonator_cache_catches_up_with_the_verified_tokens(tiny, other):
+def test_a_separate_resonator_cache_catches_up_with_the_verified_tokens(tiny, other, tmp_path):
     anchor = Anchor(tiny, other)
-    with client_for(anchor) as client:
+    with client_for(anchor, tmp_path) as client:
         body, auth = create(client)
         prompt = tiny.chat_ids(MESSAGES)
         truth = list(completions.decode(tiny, prompt, 12))

@@ -1,0 +1,103 @@
+"""Session transcripts on disk: what rebuilds a session exactly after the anchor restarts.
+
+One JSON file per session, `<sessions_dir>/<id>.json`, readable by its owner only: it holds
+the session's token. A write goes to a temporary file that is synced and then renamed over
+the old one (and the directory synced), so a crash leaves the old transcript or the new
+one, never a mix. Reading validates every file; one that is unreadable or invalid is logged
+and skipped, so it cannot stop the anchor from starting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what secrets.token_urlsafe writes: safe as a file name
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Transcript(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = 1
+    id: str = Field(pattern=SESSION_ID)
+    token: str = Field(min_length=1)
+    model_id: str  # the anchor model whose token ids these are
+    messages: list[Message]
+    ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    pending: bool  # the last id is confirmed but not yet in the anchor's KV cache
+    chain_base: int = Field(ge=1)
+    sampling: tuple[float, int] | None
+    holo_end: int = Field(ge=0)
+    created: float
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Transcript:
+        if self.chain_base > len(self.ids):
+            raise ValueError(f"chain_base {self.chain_base} is past the {len(self.ids)} token ids")
+        if self.pending and len(self.ids) == self.chain_base:
+            raise ValueError("a pending token must be a confirmed answer token, after chain_base")
+        if self.holo_end >= len(self.ids):
+            raise ValueError(f"holo_end {self.holo_end} is past the last of the {len(self.ids)} token ids")
+        return self
+
+
+class TranscriptDir:
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def file(self, session_id: str) -> Path:
+        return self.path / f"{session_id}.json"
+
+    def save(self, transcript: Transcript) -> None:
+        """Replace the session's transcript atomically and durably."""
+        final = self.file(transcript.id)
+        tmp = self.path / f".{transcript.id}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(transcript.model_dump_json().encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # The rename itself is durable only once the directory is synced.
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def delete(self, session_id: str) -> None:
+        self.file(session_id).unlink(missing_ok=True)
+
+    def load_all(self) -> list[Transcript]:
+        """Every valid transcript; the others are logged and skipped."""
+        out = []
+        for path in sorted(self.path.glob("*.json")):
+            try:
+                t = Transcript.model_validate_json(path.read_bytes())
+                if path.stem != t.id:
+                    raise ValueError(f"it holds session {t.id!r}")
+            except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+                why = e
+                if isinstance(e, ValidationError):
+                    why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}" for x in e.errors()[:3])
+                log.warning("skipping the session transcript %s: %s", path, why)
+                continue
+            out.append(t)
+        return out
