@@ -53,8 +53,9 @@ class Draft(_Frame):
 
 class Ready(_Frame):
     """Anchor -> page, after hello: its confirmed position and chain, and the confirmed tokens
-    after the page's position (all tokens after the prompt, with `refresh`, when the page's
-    chain does not match the anchor's)."""
+    after the page's position (with `refresh`, when the page's chain does not match the
+    anchor's, all confirmed tokens of the current answer: the page then reloads the full
+    hologram)."""
     type: Literal["ready"] = "ready"
     position: int
     chain: Chain
