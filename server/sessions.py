@@ -135,7 +135,7 @@ class SessionStore:
         self.anchor = anchor
         self.settings = settings
         self.kv_bytes_per_token = anchor.kv_bytes_per_token()
-        self._sessions: dict[str, Session] = {}  # with the ones restored from transcripts, not yet in memory
+        self._sessions: dict[str, Session] = {}  # restored ones included, before their caches are rebuilt
         self._live = 0  # sessions holding caches
         self._kv_tokens = 0
         self._lock = threading.Lock()  # guards _sessions, _live and _kv_tokens; taken after a session lock
