@@ -26,7 +26,7 @@ export class SyncChannel {
     ws.binaryType = 'arraybuffer';
     await new Promise((resolve, reject) => {
       ws.onopen = resolve;
-      ws.onerror = () => reject(new Error(`cannot reach the anchor's sync channel at ${url}`));
+      ws.onerror = ws.onclose = () => reject(new Error(`cannot reach the anchor's sync channel at ${url}`));
     });
     const channel = new SyncChannel(ws, stats, onClose);
     try {

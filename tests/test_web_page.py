@@ -39,7 +39,7 @@ class Page:
         self.page.evaluate("() => window.hpi.ready")
 
     def wait_idle(self) -> None:
-        self.page.wait_for_function("!window.hpi.busy", timeout=300_000)
+        self.page.wait_for_function("!window.hpi.busy", timeout=180_000)
 
     def ask(self, prompt: str, n: int, wait: bool = True) -> None:
         turns = self.page.evaluate("() => window.hpi.conv ? window.hpi.conv.turns.length : 0")
