@@ -47,11 +47,14 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
         out = lm.model(input_ids=torch.tensor([feed], device=dev), cache=caches.anchor, use_cache=True)
         METRICS.add("hpi_forward_passes_total")
         heads.extend(out.logits[0].float().cpu())
+    # An end-of-turn draft the anchor agrees with is its own `token`: the answer ends there.
+    eos = set(lm.eos_token_ids)
     accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == choose(heads[accepted].numpy(), temperature, seed,
-                                                                base + accepted):
+    while accepted < len(drafts) and drafts[accepted] not in eos and drafts[accepted] == choose(
+            heads[accepted].numpy(), temperature, seed, base + accepted):
         accepted += 1
     token = choose(heads[accepted].numpy(), temperature, seed, base + accepted)
+    corrected = accepted < len(drafts) and drafts[accepted] != token
     fed_drafts = len(drafts) if feed else 0
     if fed_drafts > accepted:
         caches.anchor.crop(accepted - fed_drafts)  # a negative count removes that many from the end
@@ -60,5 +63,5 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     caches.next_logits = None
     METRICS.add("hpi_tokens_verified_total", len(drafts))
     METRICS.add("hpi_tokens_accepted_total", accepted)
-    METRICS.add("hpi_tokens_corrected_total", int(accepted < len(drafts)))
-    return Verdict(accepted, token, accepted < len(drafts))
+    METRICS.add("hpi_tokens_corrected_total", int(corrected))
+    return Verdict(accepted, token, corrected)

@@ -82,3 +82,15 @@ def test_a_prefill_after_verification_feeds_the_pending_token_first(anchor, tiny
 def test_verify_needs_a_prefilled_session(tiny):
     with pytest.raises(ValueError, match="prefilled"):
         verify(tiny, Caches(), [1, 2])
+
+
+def test_an_agreed_end_of_turn_ends_the_confirmed_answer(anchor, tiny, monkeypatch):
+    prompt = tiny.chat_ids(MESSAGES)
+    truth = list(completions.decode(tiny, prompt, 5))
+    # Make the anchor's third token an end-of-turn token, as a real answer's last one is.
+    monkeypatch.setattr(type(tiny), "eos_token_ids", property(lambda self: [truth[2]]))
+    caches = Caches()
+    anchor.prefill(caches, prompt)
+    v = verify(tiny, caches, truth[:5])
+    assert (v.accepted, v.token, v.corrected) == (2, truth[2], False)
+    assert caches.ids[len(prompt):] == truth[:3]
