@@ -27,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from protocol import frames
 from server import completions
 from server.anchor import Anchor
+from server.capture_api import capture_router
 from server.config import Settings
+from server.memory.api import memory_router
 from server.metrics import METRICS
 from server.models import load_model
 from server.sessions import Segment, SessionError, SessionStore
@@ -186,6 +188,8 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.include_router(capture_router(settings))
+    app.include_router(memory_router(settings))
 
     @app.exception_handler(SessionError)
     async def _session_error(request: Request, exc: SessionError):

@@ -30,10 +30,17 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="tokens one chat completion may generate")
 
+    capture_max_tokens: int = Field(2048, ge=1, description="context tokens one state capture may run over")
+    capture_max_bytes: int = Field(64 << 20, ge=1, description="estimated size of one capture answer")
+    capture_store_bytes: int = Field(256 << 20, ge=1, description="state vectors in the hyperbolic store")
+
     codec: str = Field("default", description="codec preset name (server/spectral.py PRESETS)")
     calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")
     data_dir: str = Field("~/.cache/hpi", description="built model packs and session transcripts")
     sessions_dir: str = Field("", description="session transcripts, kept across restarts; empty: <data_dir>/sessions")
+    memories_dir: str = Field("", description="holographic memories (.holo files); empty: <data_dir>/memories")
+    max_memories: int = Field(64, ge=1)
+    max_learn_tokens: int = Field(100_000, ge=1, description="tokens one learn call may add to a memory")
 
     def anchor_options(self) -> dict:
         """Keyword arguments for server.anchor.Anchor."""
@@ -42,3 +49,6 @@ class Settings(BaseSettings):
 
     def sessions_path(self) -> Path:
         return Path(self.sessions_dir or Path(self.data_dir) / "sessions").expanduser()
+
+    def memories_path(self) -> Path:
+        return Path(self.memories_dir or Path(self.data_dir) / "memories").expanduser()

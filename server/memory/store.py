@@ -257,7 +257,10 @@ class Memory:
     def _holographic_chunk(self, idx, retrieved, seen, emb, ans: _Answers) -> None:
         cos = retrieved @ emb.T / np.float32(self.config.dim)  # (b, Vs): both norms are √d
         best = cos.max(1)
-        ok = best >= clifford.PHI_INV ** 2  # below the seeds' spectral-gap threshold: the prior answers
+        # Answer only above the largest cosine pure noise would reach among Vs tokens (d² dims:
+        # std 1/d). The seeds' fixed φ⁻² gate would refuse most right answers at d=16, where
+        # a basin of k bindings unbinds with cosine ≈ 1/√k, and pass noise at d=4.
+        ok = best >= math.sqrt(2 * math.log(max(len(seen), 2))) / self.config.dim
         idx, cos, best = idx[ok], cos[ok], best[ok]
         if not len(idx):
             return
@@ -378,18 +381,23 @@ class _Answers:
         self.todo[answered] = False
 
     def finish(self, prior: np.ndarray, prior_order: np.ndarray) -> Prediction:
-        """Top k by mixture probability among each query's path candidates and the prior's top k."""
+        """Each query's path candidates by P_path, then the prior's top tokens; with mixture probabilities.
+
+        The path that answered decides the order: a flat path distribution (the φ-kernel over
+        a large vocabulary) must not let the prior's favourite token replace its answer.
+        """
         B, k = self.B, self.k
         prior_top = prior_order[:k]
         q = np.concatenate([r[0] for r in self.rows] + [np.repeat(np.arange(B), len(prior_top))])
         tok = np.concatenate([r[1] for r in self.rows] + [np.tile(prior_top, B)])
         p_path = np.concatenate([r[2] for r in self.rows] + [np.zeros(B * len(prior_top))])
-        mix = self.lam[q] * p_path + (1 - self.lam[q]) * prior[tok]
-        order = np.lexsort((-mix, tok, q))  # per (query, token) the highest mixture first
-        q, tok, mix = q[order], tok[order], mix[order]
+        from_path = np.concatenate([np.ones(sum(len(r[0]) for r in self.rows), bool), np.zeros(B * len(prior_top), bool)])
+        order = np.lexsort((-p_path, tok, q))  # per (query, token) the path's row first
+        q, tok, p_path, from_path = q[order], tok[order], p_path[order], from_path[order]
         first = np.concatenate([[True], (q[1:] != q[:-1]) | (tok[1:] != tok[:-1])])
-        q, tok, mix = q[first], tok[first], mix[first]
-        order = np.lexsort((-mix, q))
+        q, tok, p_path, from_path = q[first], tok[first], p_path[first], from_path[first]
+        mix = self.lam[q] * p_path + (1 - self.lam[q]) * prior[tok]
+        order = np.lexsort((-mix, -p_path, ~from_path, q))
         q, tok, mix = q[order], tok[order], mix[order]
         rank = np.arange(len(q)) - np.searchsorted(q, q, "left")
         r = rank < k
