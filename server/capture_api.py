@@ -1,0 +1,240 @@
+"""HTTP routes of state capture (server/capture.py) and of the hyperbolic store (server/hyperbolic.py).
+
+    POST   /v1/capture                        a forward pass's states: aggregates as JSON, raw states on request
+    POST   /v1/capture/store                  add captured state vectors to a named collection
+    POST   /v1/capture/search                 nearest stored states of a query, by hyperbolic distance
+    GET    /v1/capture/collections            the collections
+    DELETE /v1/capture/collections/{name}     drop one
+
+A capture runs over one context: `text` (tokenized as the tokenizer does by default),
+`messages` (the chat template with the generation prompt), or `session_id` with the session's
+bearer token: the session's tokens so far, prompt, turns and confirmed generated tokens alike.
+The answer's size is estimated before the forward pass; over the `capture_max_bytes` setting
+it is refused with 413 and the estimate. Captures run one at a time, so that limit and
+`capture_max_tokens` bound their memory. Collections are shared by every client of the anchor.
+Errors are `{"error": {"code", "message"}}` like every other route.
+"""
+
+import threading
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, _json_values, capture,
+                            estimate_bytes, select)
+from server.config import Settings
+from server.hyperbolic import StateStore, StoreError
+from server.metrics import METRICS
+from server.models import LoadedModel
+from server.sessions import SessionStore
+
+HOLO_MEDIA_TYPE = "application/octet-stream"
+# States a vector per token can be read from: a token axis first (pattern-like states are not).
+VECTOR_STATES = tuple(n for n, s in STATES.items() if s.axes[0] == "t")
+
+
+class _ErrorsAsJSON(APIRoute):
+    """Answers CaptureError and StoreError with their status and `{"error": {...}}` (the app's
+    handlers do not know them, and a router cannot register handlers of its own)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (CaptureError, StoreError) as e:
+                error = {"code": e.code, "message": str(e), **getattr(e, "extra", {})}
+                return JSONResponse({"error": error}, status_code=e.status)
+
+        return route
+
+
+class TooLarge(CaptureError):
+    def __init__(self, estimate: int, limit: int):
+        super().__init__(413, "capture_too_large", f"the answer would be about {estimate} bytes; the limit is "
+                                                   f"{limit}: select fewer layers, heads, states or tokens")
+        self.extra = {"estimate_bytes": estimate, "limit_bytes": limit}
+
+
+def capture_router(settings: Settings) -> APIRouter:
+    api = APIRouter(route_class=_ErrorsAsJSON, tags=["capture"])
+    bearer = HTTPBearer(auto_error=False, description="the session token, when capturing a session")
+    Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    one_capture = threading.Lock()
+    store = StateStore(settings.capture_store_bytes)
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "user", "assistant"]
+        content: str = Field(max_length=settings.max_message_chars)
+
+    class Context(BaseModel):
+        """One of text, messages or session_id; a token range [start, end) of it (end: its length)."""
+        model_config = ConfigDict(extra="forbid")
+        text: str | None = Field(None, max_length=settings.max_message_chars)
+        messages: list[Message] | None = Field(None, min_length=1, max_length=settings.max_messages)
+        session_id: str | None = Field(None, max_length=128)
+        start: int = Field(0, ge=0)
+        end: int | None = Field(None, ge=1)
+
+        def sources(self) -> list[str]:
+            return [k for k in ("text", "messages", "session_id") if getattr(self, k) is not None]
+
+    class OneContext(Context):
+        @model_validator(mode="after")
+        def _one_source(self):
+            if len(self.sources()) != 1:
+                raise ValueError("give exactly one of text, messages or session_id")
+            return self
+
+    class CaptureBody(OneContext):
+        layers: list[int] | None = Field(None, max_length=4096, description="default: all")
+        heads: list[int] | None = Field(None, max_length=4096, description="query heads; default: all")
+        states: list[str] = Field([], max_length=len(STATES), description="raw states to return; default: none")
+        percentile: float = Field(90.0, ge=0, le=100, description="peaks: tokens at or above this percentile")
+        activation: str = Field("mlp.hook_post", description=f"state whose norm ranks activation peaks: {', '.join(ACTIVATIONS)}")
+        format: Literal["json", "holo"] = "json"
+
+    class StoreBody(OneContext):
+        collection: str = Field(max_length=64)
+        state: str = "hook_resid_post"
+        layer: int | None = Field(None, description="needed for per-block states")
+        heads: list[int] | None = Field(None, max_length=4096, description="for per-head states; default: all")
+        pool: Literal["token", "mean"] = Field("mean", description="one vector per token, or their mean")
+        label: str = Field("", max_length=256)
+        curvature: float | None = Field(None, lt=0, description="at creation; default -1")
+        scale: float | None = Field(None, gt=0, description="at creation; default 1 / median norm of the first batch")
+        center: bool | None = Field(None, description="at creation: subtract the first batch's mean; default false")
+
+    class SearchBody(Context):
+        collection: str = Field(max_length=64)
+        vector: list[float] | None = Field(None, max_length=1 << 16, description="a raw state vector to look up")
+        k: int = Field(5, ge=1, le=100)
+        metric: Literal["hyperbolic", "euclidean", "cosine"] = "hyperbolic"
+
+        @model_validator(mode="after")
+        def _one_query(self):
+            if len(self.sources()) + (self.vector is not None) != 1:
+                raise ValueError("give exactly one of vector, text, messages or session_id")
+            return self
+
+    def lm_of(request: Request) -> LoadedModel:
+        return request.app.state.anchor.lm
+
+    def context_ids(request: Request, body: Context, creds: HTTPAuthorizationCredentials | None) -> list[int]:
+        lm = lm_of(request)
+        if body.text is not None:
+            ids = lm.tokenizer(body.text)["input_ids"]
+        elif body.messages is not None:
+            ids = lm.chat_ids([m.model_dump() for m in body.messages])
+        else:
+            sessions: SessionStore = request.app.state.store
+            # The ids are copied under the session's lock; the capture itself does not hold it.
+            with sessions.use(body.session_id, creds.credentials if creds else None, wake=False) as s:
+                ids = list(s.caches.ids)
+        if not ids:
+            raise CaptureError(422, "empty_context", "the context has no tokens")
+        if len(ids) > settings.capture_max_tokens:
+            raise CaptureError(413, "prompt_too_long", f"the context is {len(ids)} tokens; a capture runs over at "
+                                                       f"most {settings.capture_max_tokens}")
+        return ids
+
+    def run(lm: LoadedModel, ids: list[int], fmt: str, **selection) -> tuple[Capture, int]:
+        dims = Dims.of(lm.config)
+        sel = select(dims, len(ids), **selection)
+        need = estimate_bytes(dims, sel, fmt)
+        if need > settings.capture_max_bytes:
+            raise TooLarge(need, settings.capture_max_bytes)
+        with one_capture:
+            cap = capture(lm, ids, sel)
+        METRICS.add("hpi_forward_passes_total")
+        return cap, need
+
+    @api.post("/v1/capture", responses={200: {"content": {"application/json": {}, HOLO_MEDIA_TYPE: {}}}})
+    def capture_state(body: CaptureBody, request: Request, creds: Credentials):
+        """Per-layer, per-head state of the anchor's forward pass over a context (docs/capture.md)."""
+        lm = lm_of(request)
+        ids = context_ids(request, body, creds)
+        cap, need = run(lm, ids, body.format, layers=body.layers, heads=body.heads, states=body.states,
+                        start=body.start, end=body.end, percentile=body.percentile, activation=body.activation)
+        if body.format == "holo":
+            return Response(cap.holo_bytes(lm.model_id, lm.tokenizer_id), media_type=HOLO_MEDIA_TYPE,
+                            headers={"X-HPI-Estimate-Bytes": str(need)})
+        out = {"model_id": lm.model_id, "estimate_bytes": need, **cap.summary()}
+        out["tokens"]["pieces"] = [lm.tokenizer.decode([t]) for t in out["tokens"]["ids"]]
+        out["tensors"] = {name: {"shape": list(a.shape), "data": _json_values(a)} for name, a in cap.tensors.items()}
+        return JSONResponse(out)
+
+    def spec_of(body: StoreBody, lm: LoadedModel) -> dict:
+        if body.state not in VECTOR_STATES:
+            raise CaptureError(422, "unknown_states", f"state {body.state!r} has no vector per token; valid: "
+                                                      f"{', '.join(VECTOR_STATES)}")
+        block = STATES[body.state].block
+        if block and body.layer is None:
+            raise CaptureError(422, "unknown_layers", f"{body.state} is a per-block state: give a layer "
+                                                      f"(0..{lm.config.num_hidden_layers - 1})")
+        per_head = any(a in "hg" for a in STATES[body.state].axes)
+        heads = sorted(set(body.heads)) if body.heads is not None else list(range(lm.config.num_attention_heads))
+        return {"state": body.state, "layer": body.layer if block else None, "heads": heads if per_head else None,
+                "pool": body.pool}
+
+    def vectors(request: Request, body: Context, creds, spec: dict) -> tuple[np.ndarray, list[dict]]:
+        """The state vectors of a context under a collection's spec, [n, D], and what each one is."""
+        lm = lm_of(request)
+        ids = context_ids(request, body, creds)
+        layer = spec["layer"]
+        cap, _ = run(lm, ids, "holo", layers=None if layer is None else [layer], heads=spec["heads"],
+                     states=[spec["state"]], start=body.start, end=body.end)
+        key = spec["state"] if layer is None else f"blocks.{layer}.{spec['state']}"
+        u = cap.tensors[key].reshape(cap.sel.end - cap.sel.start, -1)  # [n, D]
+        positions = list(range(cap.sel.start, cap.sel.end))
+        if spec["pool"] == "mean":
+            return u.mean(0, keepdims=True), [{"range": [cap.sel.start, cap.sel.end]}]
+        return u, [{"position": p, "token": ids[p]} for p in positions]
+
+    @api.post("/v1/capture/store")
+    def store_states(body: StoreBody, request: Request, creds: Credentials):
+        """Add a context's state vectors (one per token, or their mean) to a collection in the Poincaré ball."""
+        spec = spec_of(body, lm_of(request))
+        u, entries = vectors(request, body, creds, spec)
+        col, ids = store.add(body.collection, u, [{"label": body.label, **e} for e in entries], spec,
+                             body.curvature, body.scale, body.center)
+        return {"collection": col.name, "added": len(ids), "ids": ids, **describe(col)}
+
+    def describe(col) -> dict:
+        return {"size": len(col.entries), "dim": col.dim, "curvature": col.curvature, "scale": col.scale,
+                "centered": col.centered, "spec": col.spec, "bytes": col.nbytes}
+
+    @api.post("/v1/capture/search")
+    def search_states(body: SearchBody, request: Request, creds: Credentials):
+        """The k stored states nearest to a query vector, or to each state vector of a context."""
+        col = store.get(body.collection)
+        if body.vector is not None:
+            u, queries = np.asarray([body.vector], dtype=np.float64), [{}]
+        else:
+            u, queries = vectors(request, body, creds, col.spec)
+        col, idx, dist = store.search(body.collection, u, body.k, body.metric)
+        return {"collection": col.name, "metric": body.metric, "curvature": col.curvature,
+                "results": [{"query": q, "neighbours": [{**col.entries[i], "distance": float(d)}
+                                                        for i, d in zip(row_i, row_d)]}
+                            for q, row_i, row_d in zip(queries, idx, dist)]}
+
+    @api.get("/v1/capture/collections")
+    def collections():
+        cols = store.collections()
+        return {"bytes": sum(c.nbytes for c in cols), "limit_bytes": store.max_bytes,
+                "collections": [{"name": c.name, **describe(c)} for c in cols]}
+
+    @api.delete("/v1/capture/collections/{name}", status_code=204, response_class=Response)
+    def delete_collection(name: str):
+        store.delete(name)
+        return Response(status_code=204)
+
+    return api
