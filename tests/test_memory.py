@@ -103,6 +103,8 @@ def test_one_binding_per_basin_unbinds_exactly(dim):
     pred = mem.predict(ctx, targets=nxt, use=Mechanisms(episodic=False, prototypes=False))
     assert (pred.path == PATHS.index("holographic")).all()
     assert (pred.tokens[:, 0] == nxt).mean() > 0.97
+    wrong = (nxt + 1) % 1000  # every token keeps some probability, even a wrong one
+    assert (mem.predict(ctx, targets=wrong, use=Mechanisms(episodic=False, prototypes=False)).target_prob > 0).all()
 
 
 def test_crosstalk_grows_with_load_and_larger_matrices_hold_more():

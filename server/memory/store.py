@@ -91,6 +91,7 @@ class Prototypes:
     offsets: np.ndarray  # (P+1,) int64: prototype p's targets are [offsets[p], offsets[p+1])
     targets: np.ndarray  # (sum,) int32
     counts: np.ndarray  # (sum,) int64
+    _cells: tuple | None = field(default=None, repr=False, compare=False)  # lookup index, built on first use
 
     @classmethod
     def empty(cls, dim: int) -> Prototypes:
@@ -99,6 +100,21 @@ class Prototypes:
 
     def __len__(self) -> int:
         return len(self.witness)
+
+    def find(self, w: np.ndarray, resolution: float) -> tuple[np.ndarray, np.ndarray]:
+        """(b, 2) witnesses -> (query index, prototype index) for queries whose grid cell holds a
+        prototype (a prototype's centroid lies in its own cell: cells are convex)."""
+        if self._cells is None:
+            cells = np.floor(self.witness / np.float32(resolution)).astype(np.int64)
+            keys = hash_rows(cells)
+            order = np.argsort(keys)
+            self._cells = (cells, keys[order], order)
+        cells, keys, order = self._cells
+        q_cells = np.floor(w / np.float32(resolution)).astype(np.int64)
+        pos = np.minimum(np.searchsorted(keys, hash_rows(q_cells)), max(len(keys) - 1, 0))
+        proto = order[pos] if len(keys) else np.zeros(len(w), np.int64)
+        hit = np.flatnonzero((cells[proto] == q_cells).all(1)) if len(keys) else np.zeros(0, np.int64)
+        return hit, proto[hit]
 
 
 @dataclass
@@ -212,7 +228,7 @@ class Memory:
         sub = np.flatnonzero(ans.todo)
         if len(sub) and (use.prototypes and len(self.prototypes) or use.holographic):
             ctx = self.context_matrices(contexts[sub])  # (b, d, d)
-            retrieved = self._unbind(ctx)  # (b, d²), norm √d, or zero for an empty basin
+            retrieved, load = self._unbind(ctx)  # (b, d²), (b,)
             if use.prototypes and len(self.prototypes):
                 local, tok, cnt = self._prototype_candidates(ctx)
                 weight = cnt.astype(np.float64)
@@ -222,63 +238,70 @@ class Memory:
                 ans.take(sub[local], tok, weight, cnt.astype(np.float64), PROTOTYPE)
             if use.holographic:
                 keep = ans.todo[sub]
-                self._holographic(sub[keep], retrieved[keep], ans)
+                self._holographic(sub[keep], retrieved[keep], load[keep], ans)
         return ans.finish(*self.prior())
 
     def _prototype_candidates(self, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(b, d, d) -> rows (local query index, token, count) of each query's nearest prototype,
-        for queries whose witness lies within one cell of it."""
+        """(b, d, d) -> rows (local query index, token, count) of the prototype of each query's
+        witness cell, for queries whose cell has one."""
         w = clifford.witness(clifford.coefficients(ctx)).astype(np.float32)  # (b, 2)
-        dist = np.linalg.norm(w[:, None, :] - self.prototypes.witness[None], axis=2)  # (b, P)
-        near = dist.argmin(1)
-        ok = dist[np.arange(len(ctx)), near] <= self.config.witness_resolution
-        p_idx, s_idx = near[ok], np.flatnonzero(ok)
+        s_idx, p_idx = self.prototypes.find(w, self.config.witness_resolution)
         lo, hi = self.prototypes.offsets[p_idx], self.prototypes.offsets[p_idx + 1]
         rows = _ranges(lo, hi)
         return np.repeat(s_idx, hi - lo), self.prototypes.targets[rows], self.prototypes.counts[rows]
 
-    def _unbind(self, ctx: np.ndarray) -> np.ndarray:
-        """(b, d, d) contexts -> (b, d²) Cᵀ satellite[basin], scaled to the norm of a rotation."""
-        r = so4.unbind(ctx, self.satellites[self.route(ctx)].astype(np.float64)).reshape(len(ctx), -1)
+    def _unbind(self, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(b, d, d) contexts -> (b, d²) Cᵀ satellite[basin] scaled to the norm of a rotation
+        (zero for an empty basin), and (b,) the bindings in each basin."""
+        basin = self.route(ctx)
+        r = so4.unbind(ctx, self.satellites[basin].astype(np.float64)).reshape(len(ctx), -1)
         norm = np.linalg.norm(r, axis=1, keepdims=True)
         scale = np.divide(math.sqrt(self.config.dim), norm, out=np.zeros_like(norm), where=norm > 0)
-        return (r * scale).astype(np.float32)
+        return (r * scale).astype(np.float32), self.load[basin]
 
-    def _holographic(self, idx: np.ndarray, retrieved: np.ndarray, ans: _Answers) -> None:
+    def _holographic(self, idx: np.ndarray, retrieved: np.ndarray, load: np.ndarray, ans: _Answers) -> None:
         """Score the unbound matrices against every learned token; the φ-kernel gives P_path."""
         seen = self._seen()
         if not len(idx) or not len(seen):
             return
-        emb = self._emb_flat[seen]  # (Vs, d²)
+        emb = torch.from_numpy(self._emb_flat[seen])  # (Vs, d²)
         chunk = max(1, (1 << 22) // len(seen))  # bounds the (b, Vs) score matrix
         for lo in range(0, len(idx), chunk):
-            self._holographic_chunk(idx[lo:lo + chunk], retrieved[lo:lo + chunk], seen, emb, ans)
+            self._holographic_chunk(idx[lo:lo + chunk], retrieved[lo:lo + chunk], load[lo:lo + chunk], seen, emb, ans)
 
-    def _holographic_chunk(self, idx, retrieved, seen, emb, ans: _Answers) -> None:
-        cos = retrieved @ emb.T / np.float32(self.config.dim)  # (b, Vs): both norms are √d
-        best = cos.max(1)
-        # Answer only above the largest cosine pure noise would reach among Vs tokens (d² dims:
-        # std 1/d). The seeds' fixed φ⁻² gate would refuse most right answers at d=16, where
-        # a basin of k bindings unbinds with cosine ≈ 1/√k, and pass noise at d=4.
-        ok = best >= math.sqrt(2 * math.log(max(len(seen), 2))) / self.config.dim
-        idx, cos, best = idx[ok], cos[ok], best[ok]
-        if not len(idx):
-            return
-        # φ-kernel: weight φ^-distance with distance = 1 - cosine, normalised over the vocabulary.
-        w = np.exp(np.float32(math.log(clifford.PHI)) * (cos - np.float32(1.0)))
-        total = w.sum(1, dtype=np.float64)
+    def _noise_gate(self, n_tokens: int) -> float:
+        """The cosine that about one of n random tokens reaches by chance: below it, unbinding
+        found nothing. A random unit vector in D = d² dimensions has P(cos > t) ≈ (1-t²)^((D-1)/2).
+
+        The seeds gate at a fixed φ⁻²; that refuses most right answers at d=16, where a basin
+        of k bindings unbinds with cosine ≈ 1/√k, and passes pure noise at d=4.
+        """
+        return math.sqrt(1.0 - max(n_tokens, 2) ** (-2.0 / (self.config.dim ** 2 - 1)))
+
+    def _holographic_chunk(self, idx, retrieved, load, seen, emb, ans: _Answers) -> None:
+        cos = torch.from_numpy(retrieved) @ emb.T / self.config.dim  # (b, Vs): both norms are √d
         kk = min(ans.k, len(seen))
-        if kk == 1:
-            part = cos.argmax(1)[:, None]
-        else:
-            part = np.argpartition(-cos, kk - 1, axis=1)[:, :kk]  # (b, kk) the best kk, unordered
-        p_top = np.take_along_axis(w, part, 1) / total[:, None]
-        ans.set(np.repeat(idx, kk), seen[part].ravel(), p_top.ravel(), np.clip(best, 0.0, 1.0),
-                idx, HOLOGRAPHIC)
+        top_cos, part = torch.topk(cos, kk, dim=1)  # (b, kk), best first
+        best = top_cos[:, 0].numpy()
+        ok = best >= self._noise_gate(len(seen))
+        if not ok.any():
+            return
+        sel = torch.from_numpy(np.flatnonzero(ok))
+        idx, cos, best, load = idx[ok], cos[sel], best[ok], load[ok]
+        top_cos, part = top_cos[sel], part[sel]
+        # φ-kernel: weight φ^-distance with distance = 1 - cosine, normalised over the vocabulary.
+        log_phi = math.log(clifford.PHI)
+        total = torch.exp(log_phi * (cos - 1.0)).sum(1, dtype=torch.float64).numpy()  # (b,)
+        p_top = np.exp(log_phi * (top_cos.numpy().astype(np.float64) - 1.0)) / total[:, None]
+        # Like one observation per binding (Witten-Bell N/(N+1)), discounted by how well it unbound.
+        lam = np.clip(best, 0.0, 1.0) * load / (load + 1.0)
+        ans.set(np.repeat(idx, kk), seen[part.numpy()].ravel(), p_top.ravel(), lam, idx, HOLOGRAPHIC)
         if ans.targets is not None:
             pos = np.searchsorted(seen, ans.targets[idx])
             found = (pos < len(seen)) & (seen[np.minimum(pos, len(seen) - 1)] == ans.targets[idx])
-            ans.tgt_p[idx[found]] = w[found, pos[found]] / total[found]
+            rows = np.flatnonzero(found)
+            c = cos[torch.from_numpy(rows), torch.from_numpy(pos[found])].numpy().astype(np.float64)
+            ans.tgt_p[idx[found]] = np.exp(log_phi * (c - 1.0)) / total[found]
 
     def generate(self, tokens: list[int], n: int, sample: bool = False, seed: int = 0,
                  use: Mechanisms = Mechanisms()) -> tuple[list[int], list[str]]:
