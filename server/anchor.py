@@ -15,13 +15,13 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from protocol.holo import HoloError, content_hash, load_hologram
 from server import hologram, pack, spectral
 from server.metrics import METRICS
 from server.models import LoadedModel, check_same_tokenizer
 from server.spectral import PRESETS, CodecParams
+from server.trail import TrailCache
 
 
 @dataclass
@@ -31,11 +31,12 @@ class Caches:
     After verification (server/verify.py) the last confirmed id is `pending`, not yet in the
     anchor's cache, and a separate resonator cache lacks every verified id (`prefill` and
     `hologram_bytes` catch it up); after a prefill, `next_logits` are the anchor's logits after
-    the last id.
+    the last id. The caches are copy-on-write (server/trail.py): `Anchor.branch` makes a
+    conversation that shares a prefix of their KV.
     """
     ids: list[int] = field(default_factory=list)
-    anchor: DynamicCache | None = None
-    resonator: DynamicCache | None = None  # None when the resonator model is the anchor model
+    anchor: TrailCache | None = None
+    resonator: TrailCache | None = None  # None when the resonator model is the anchor model
     next_logits: torch.Tensor | None = None  # [V]
     pending: int | None = None
 
@@ -107,10 +108,7 @@ class Anchor:
         """
         if not new_ids:
             raise ValueError("nothing to prefill")
-        if caches.anchor is None:
-            caches.anchor = DynamicCache(config=self.lm.config)
-            if self.res_lm is not self.lm:
-                caches.resonator = DynamicCache(config=self.res_lm.config)
+        self._open(caches)
         ids = caches.ids + list(new_ids)
         logits = self._feed(self.lm, caches.anchor, ids)
         if caches.resonator is not None:
@@ -120,19 +118,62 @@ class Anchor:
         caches.next_logits = logits
         return logits
 
+    def _open(self, caches: Caches) -> None:
+        if caches.anchor is None:
+            caches.anchor = TrailCache(config=self.lm.config)
+            if self.res_lm is not self.lm:
+                caches.resonator = TrailCache(config=self.res_lm.config)
+
     def restore(self, ids: list[int], pending: bool) -> Caches:
         """Caches rebuilt from a conversation's ids; with `pending`, the last id is confirmed but
-        left out of the KV, as verification leaves it."""
+        left out of the KV, as verification and `rewind` leave it."""
         caches = Caches()
-        self.prefill(caches, ids[:-1] if pending else ids)
+        self._open(caches)
+        if fed := (ids[:-1] if pending else ids):
+            self.prefill(caches, fed)
         if pending:
             caches.ids.append(ids[-1])
             caches.pending, caches.next_logits = ids[-1], None
         return caches
 
     @staticmethod
+    def rewind(caches: Caches, position: int) -> None:
+        """Back to the conversation's first `position` ids, exactly: the KV of later positions is
+        dropped and the last id is left pending, so the next pass feeds it as after a verification.
+        Caches not built yet (a session restored from disk) only lose the ids."""
+        if not 1 <= position <= len(caches.ids):
+            raise ValueError(f"cannot rewind {len(caches.ids)} ids to {position}")
+        for cache in (caches.anchor, caches.resonator):
+            if cache is not None and cache.get_seq_length() > position - 1:
+                cache.crop(position - 1 - cache.get_seq_length())
+        caches.ids = caches.ids[:position]
+        caches.pending, caches.next_logits = caches.ids[-1], None
+
+    @staticmethod
+    def branch(caches: Caches, position: int, tag: object) -> tuple[Caches, int]:
+        """A new conversation over the first `position` ids of `caches`, sharing their KV
+        copy-on-write (server/trail.py), with the last id pending as after `rewind`.
+
+        To share them, the KV `caches` hold privately is frozen into runs tagged `tag`: the
+        second value is how many of the anchor's positions that froze (0 when the shared
+        positions were frozen by an earlier branch).
+        """
+        if caches.anchor is None or not 1 <= position <= len(caches.ids):
+            raise ValueError(f"cannot branch {len(caches.ids)} ids at {position}")
+        shared = position - 1
+        frozen = caches.anchor.freeze(tag) if caches.anchor.frozen_tokens < shared else 0
+        resonator = None
+        if caches.resonator is not None:  # it may lag behind: it shares what it has
+            n = min(shared, caches.resonator.get_seq_length())
+            if caches.resonator.frozen_tokens < n:
+                caches.resonator.freeze(tag)
+            resonator = caches.resonator.share(n)
+        ids = caches.ids[:position]
+        return Caches(ids=ids, anchor=caches.anchor.share(shared), resonator=resonator, pending=ids[-1]), frozen
+
+    @staticmethod
     @torch.no_grad()
-    def _feed(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+    def _feed(lm: LoadedModel, cache: TrailCache, ids: list[int]) -> torch.Tensor:
         """Run the ids past the cache's length through `lm` into it; the logits [V] after the last."""
         missing = ids[cache.get_seq_length():]
         if not missing:
