@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -32,7 +32,8 @@ from server.config import Settings
 from server.memory.api import memory_router
 from server.metrics import METRICS
 from server.models import load_model
-from server.sessions import Segment, SessionError, SessionStore
+from server.sessions import Segment, Session, SessionError, SessionStore
+from server.transcripts import CHECKPOINT_NAME
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +167,73 @@ class SessionCreated(BaseModel):
     hologram_bytes: int
 
 
+CheckpointName = Annotated[str, Field(pattern=CHECKPOINT_NAME, description="1 to 64 letters, digits, ' _.:-'")]
+
+
+class NewCheckpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: CheckpointName
+
+
+class Backtrack(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: CheckpointName
+
+
+class Fork(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: CheckpointName
+    token: int | None = Field(None, ge=0, description="forced first token of the fork (confirmed)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default: the parent's sampling")
+    seed: int | None = Field(None, ge=0, lt=1 << 32, description="default: the parent's sampling")
+
+
+class CheckpointInfo(BaseModel):
+    name: str
+    position: int
+    created: float
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointInfo]
+
+
+class TrailPosition(BaseModel):
+    """Where a page continues a session: load a hologram ending at `position - 1`, then say hello
+    with `position` and `chain`."""
+    position: int
+    chain_base: int
+    chain: str = Field(description="hex of the chain hash at `position`")
+    tokens: list[int] = Field(description="the confirmed tokens of the current answer, from chain_base")
+    n_messages: int = Field(description="the session's recorded messages; later ones are gone")
+    holo_end: int = Field(description="the next hologram delta of a new turn starts here")
+    hologram_url: str
+
+
+class Backtracked(TrailPosition):
+    checkpoint: str
+    dropped: int = Field(description="confirmed tokens dropped")
+
+
+class ForkOrigin(BaseModel):
+    session_id: str
+    checkpoint: str
+    position: int
+
+
+class Forked(TrailPosition):
+    session_id: str
+    token: str
+    forked_from: ForkOrigin
+    shared_tokens: int = Field(description="KV positions shared with the parent (copy-on-write)")
+    sampling: tuple[float, int] | None
+
+
+def _trail_position(s: Session) -> dict:
+    return {"position": s.n_tokens, "chain_base": s.chain_base, "chain": s.chains[-1].hex(), "tokens": s.answer,
+            "n_messages": len(s.messages), "holo_end": s.holo_end, "hologram_url": f"/v1/sessions/{s.id}/hologram"}
+
+
 def load_anchor(settings: Settings) -> Anchor:
     lm = load_model(settings.model, settings.device)
     res = None
@@ -264,9 +332,38 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.get("/v1/sessions/{session_id}/hologram", response_class=Response,
              responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}, 304: {}})
-    def hologram(session_id: str, request: Request, st: Store, creds: Credentials):
+    def hologram(session_id: str, request: Request, st: Store, creds: Credentials,
+                 start: Annotated[int, Query(ge=0, description="0: the whole conversation; else a delta "
+                                                              "after the segments the page holds")] = 0):
         with st.use(session_id, token(creds)) as s:
-            return _segment_response(request, st.full_hologram(s))
+            return _segment_response(request, st.hologram(s, start))
+
+    @app.post("/v1/sessions/{session_id}/checkpoints", status_code=201, response_model=CheckpointInfo)
+    def create_checkpoint(session_id: str, body: NewCheckpoint, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds), wake=False) as s:
+            c = st.checkpoint(s, body.name)
+        return CheckpointInfo(name=c.name, position=c.position, created=c.created)
+
+    @app.get("/v1/sessions/{session_id}/checkpoints", response_model=CheckpointList)
+    def list_checkpoints(session_id: str, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds), wake=False) as s:
+            return CheckpointList(checkpoints=[CheckpointInfo(name=c.name, position=c.position, created=c.created)
+                                               for c in s.checkpoints.values()])
+
+    @app.post("/v1/sessions/{session_id}/backtrack", response_model=Backtracked)
+    def backtrack(session_id: str, body: Backtrack, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds), wake=False) as s:
+            dropped = st.backtrack(s, body.checkpoint)
+            return Backtracked(checkpoint=body.checkpoint, dropped=dropped, **_trail_position(s))
+
+    @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=Forked)
+    def fork(session_id: str, body: Fork, st: Store, creds: Credentials):
+        with st.use(session_id, token(creds)) as parent:
+            f = st.fork(parent, body.checkpoint, body.token, body.temperature, body.seed)
+            position = parent.checkpoints[body.checkpoint].position
+        return Forked(session_id=f.id, token=f.token, shared_tokens=f.caches.anchor.frozen_tokens,
+                      forked_from=ForkOrigin(session_id=session_id, checkpoint=body.checkpoint, position=position),
+                      sampling=f.sampling, **_trail_position(f))
 
     @app.post("/v1/sessions/{session_id}/messages", response_class=Response,
               responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}})

@@ -1,22 +1,31 @@
 """Conversation sessions on the anchor: exact KV caches, the holograms sent from them, and limits.
 
-A session grows only at its end: a new turn adds tokens after the ones already prefilled
-(its messages must render to an extension of them, or, after an answer synced over the
+A session grows at its end: a new turn adds tokens after the ones already prefilled (its
+messages must render to an extension of them, or, after an answer synced over the
 reconciliation channel, the anchor renders what follows that answer), so the anchor
 prefills just the new tokens and sends a hologram delta starting where the last hologram it
 sent ended.
 
+It goes back only to one of its named checkpoints (its trail): a backtrack restores the
+exact state at a checkpoint, and a fork starts a new session there whose KV prefix is
+shared copy-on-write with this one (server/trail.py). Checkpoints record what a backtrack
+restores besides the ids: the turns and the start of the answer then being written, so the
+chain hash is the one the page had at that position (protocol/SPEC.md, "Checkpoints,
+backtracking and forks").
+
 Every session is kept on disk as its transcript (server/transcripts.py), written before any
 reply that reveals a change: after creation, each appended turn, each verified draft, the
-session's sampling and each full hologram sent. So nothing the anchor has told a client is
+session's sampling, each hologram sent, each checkpoint, backtrack and fork. So nothing the anchor has told a client is
 lost when it restarts. Then the store indexes the transcripts, and a session's caches are
-rebuilt from its token ids on its first use. If a write fails, the session goes back to its
-last transcript (and the reply is an error), so memory never runs ahead of the disk.
+rebuilt from its token ids on its first use (a fork then gets a cache of its own: sharing
+is not restored). If a write fails, the session goes back to its last transcript (and the
+reply is an error), so memory never runs ahead of the disk.
 
 Capacity errors (too many sessions in memory, KV memory full) are 503: the server is busy,
 the request itself is fine and may succeed once other sessions are deleted. They apply
-when a session gets its caches: at creation, and at the first use after a restart. A
-request that can never succeed because of its own size (prompt over the token limit) is 413.
+when a session gets its caches: at creation, at a fork, and at the first use after a
+restart. A request that can never succeed because of its own size (prompt over the token
+limit) is 413. KV shared by forks is charged once, for as long as any session holds it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,10 +46,12 @@ from protocol.holo import content_hash
 from server import turns
 from server.anchor import Anchor, Caches
 from server.config import Settings
-from server.transcripts import Transcript, TranscriptDir
+from server.transcripts import Checkpoint, Transcript, TranscriptDir
 from server.verify import verify
 
 log = logging.getLogger(__name__)
+
+MAX_CHECKPOINTS = 64  # per session: each is a line of its transcript and of the page's list
 
 
 class SessionError(Exception):
@@ -92,6 +104,22 @@ class SamplingMismatch(SessionError):
     status, code = 409, "sampling_mismatch"
 
 
+class CheckpointNotFound(SessionError):
+    status, code = 404, "checkpoint_not_found"
+
+
+class CheckpointExists(SessionError):
+    status, code = 409, "checkpoint_exists"
+
+
+class TooManyCheckpoints(SessionError):
+    status, code = 409, "too_many_checkpoints"
+
+
+class InvalidRequest(SessionError):
+    status, code = 422, "invalid_request"
+
+
 @dataclass
 class Segment:
     """A `.holo` hologram of KV positions [start, end)."""
@@ -111,7 +139,10 @@ class Session:
     caches: Caches = field(default_factory=Caches)
     messages: list[dict] = field(default_factory=list)
     holo_end: int = 0  # end of the last hologram sent: the next delta starts here
-    reserved_tokens: int = 0  # KV budget held in the store, >= len(caches.ids)
+    # KV budget held in the store for the positions past the frozen runs the caches hold (those
+    # are charged to their `Charge`); with them it covers every position of caches.ids.
+    reserved_tokens: int = 0
+    admitted: bool = False  # holds caches that the store's limits count
     full: Segment | None = None  # the full hologram of the current caches, built once
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
@@ -123,11 +154,26 @@ class Session:
     chain_base: int = 0
     chains: list[bytes] = field(default_factory=lambda: [frames.GENESIS])
     sampling: tuple[float, int] | None = None
+    checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # by name, in creation order
     saved: Transcript | None = None  # the last transcript written: what a restart would bring back
 
     @property
     def n_tokens(self) -> int:
         return len(self.caches.ids)
+
+    @property
+    def answer(self) -> list[int]:
+        """The confirmed tokens of the answer being written (from chain_base)."""
+        return self.caches.ids[self.chain_base:]
+
+
+class Charge:
+    """The KV memory of frozen runs (server/trail.py) that forks share: the store counts it once,
+    for as long as any session's cache holds the runs tagged with it."""
+    __slots__ = ("tokens", "__weakref__")
+
+    def __init__(self):
+        self.tokens = 0
 
 
 class SessionStore:
@@ -137,8 +183,9 @@ class SessionStore:
         self.kv_bytes_per_token = anchor.kv_bytes_per_token()
         self._sessions: dict[str, Session] = {}  # restored ones included, before their caches are rebuilt
         self._live = 0  # sessions holding caches
-        self._kv_tokens = 0
-        self._lock = threading.Lock()  # guards _sessions, _live and _kv_tokens; taken after a session lock
+        self._kv_tokens = 0  # sessions' own reservations
+        self._charges: weakref.WeakSet[Charge] = weakref.WeakSet()  # shared runs some cache still holds
+        self._lock = threading.Lock()  # guards _sessions, _live, _kv_tokens, _charges; taken after a session lock
         self.transcripts = TranscriptDir(settings.sessions_path())
         for t in self.transcripts.load_all():
             self._index(t)
@@ -149,7 +196,10 @@ class SessionStore:
 
     @property
     def kv_bytes(self) -> int:
-        return self._kv_tokens * self.kv_bytes_per_token
+        return self._charged_tokens() * self.kv_bytes_per_token
+
+    def _charged_tokens(self) -> int:
+        return self._kv_tokens + sum(c.tokens for c in list(self._charges))
 
     def create(self, messages: list[dict]) -> Session:
         ids = self.anchor.lm.chat_ids(messages)
@@ -194,14 +244,23 @@ class SessionStore:
                 self._wake(session)
             yield session
 
-    def full_hologram(self, session: Session) -> Segment:
-        """The hologram of the whole conversation; later deltas start at its end."""
-        if session.full is None:
-            session.full = self._build(session, 0)
-        if session.holo_end != session.full.end:
-            session.holo_end = session.full.end
+    def hologram(self, session: Session, start: int = 0) -> Segment:
+        """The hologram of KV positions [start, end): from 0 the whole conversation, else a delta
+        after segments the page holds (a fork's page reuses its parent's). Later deltas start
+        at its end."""
+        end = session.n_tokens - 1
+        if not 0 <= start <= end:
+            raise InvalidRequest(f"start must be between 0 and {end}, the end of this conversation's hologram")
+        if start:
+            segment = self._build(session, start)
+        else:
+            if session.full is None:
+                session.full = self._build(session, 0)
+            segment = session.full
+        if session.holo_end != segment.end:
+            session.holo_end = segment.end
             self._save(session)
-        return session.full
+        return segment
 
     def append(self, session: Session, messages: list[dict]) -> Segment:
         """Prefill the tokens `messages` add to the conversation; return the hologram delta.
@@ -293,6 +352,87 @@ class SessionStore:
         return frames.Verdict(v=1, type="correction" if v.corrected else "ack", accepted=v.accepted,
                               token=v.token, position=session.n_tokens, chain=session.chains[-1])
 
+    def checkpoint(self, session: Session, name: str) -> Checkpoint:
+        """Name the session's current confirmed position."""
+        if name in session.checkpoints:
+            raise CheckpointExists(f"the session already has a checkpoint {name!r}")
+        if len(session.checkpoints) >= MAX_CHECKPOINTS:
+            raise TooManyCheckpoints(f"a session keeps at most {MAX_CHECKPOINTS} checkpoints")
+        c = Checkpoint(name=name, position=session.n_tokens, chain_base=session.chain_base,
+                       n_messages=len(session.messages), created=time.time())
+        session.checkpoints[name] = c
+        self._save(session)
+        return c
+
+    def _checkpoint(self, session: Session, name: str) -> Checkpoint:
+        c = session.checkpoints.get(name)
+        if c is None:
+            raise CheckpointNotFound(f"session {session.id!r} has no checkpoint {name!r}")
+        return c
+
+    def backtrack(self, session: Session, name: str) -> int:
+        """Restore the session's exact state at a checkpoint; the number of tokens dropped.
+
+        Later tokens, their KV and the checkpoints after them are dropped; the turns and the
+        answer's start are the checkpoint's, so the chain at its position is the one the page had
+        there. The last token is left pending (server/anchor.py `rewind`), so the next pass
+        continues exactly as the original one did. A session not rebuilt since a restart is
+        only cut: its caches are rebuilt shorter on first use.
+        """
+        c = self._checkpoint(session, name)
+        dropped = session.n_tokens - c.position
+        self.anchor.rewind(session.caches, c.position)
+        session.messages = session.messages[:c.n_messages]
+        session.chain_base = c.chain_base
+        self._rechain(session)
+        session.holo_end = min(session.holo_end, c.position - 1)
+        session.full = None
+        session.checkpoints = {k: v for k, v in session.checkpoints.items() if v.position <= c.position}
+        self._save(session)
+        return dropped
+
+    def fork(self, parent: Session, name: str, token: int | None = None, temperature: float | None = None,
+             seed: int | None = None) -> Session:
+        """A new session from the parent's checkpoint `name`, its KV prefix shared copy-on-write.
+
+        The fork's first confirmed token is `token` if given; its sampling is the parent's unless
+        `temperature` or `seed` is given. It keeps the parent's checkpoints up to the fork's point.
+        """
+        c = self._checkpoint(parent, name)
+        vocab = self.anchor.lm.config.vocab_size
+        if token is not None and token >= vocab:
+            raise InvalidRequest(f"token must be below the vocabulary size {vocab}")
+        sampling = parent.sampling
+        if temperature is not None or seed is not None:
+            base = parent.sampling or (0.0, 0)
+            sampling = (base[0] if temperature is None else temperature, base[1] if seed is None else seed)
+            if seed is not None and sampling[0] == 0:
+                raise InvalidRequest("a seed only changes sampled decoding: give a temperature above 0 too")
+        charge = Charge()
+        caches, frozen = self.anchor.branch(parent.caches, c.position, charge)
+        with self._lock:  # the parent's own positions just frozen are now the shared runs' charge
+            if frozen:
+                charge.tokens = frozen
+                parent.reserved_tokens -= frozen
+                self._kv_tokens -= frozen
+                self._charges.add(charge)
+        child = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), caches=caches,
+                        messages=parent.messages[:c.n_messages], chain_base=c.chain_base, sampling=sampling,
+                        holo_end=min(parent.holo_end, c.position - 1),
+                        checkpoints={k: v for k, v in parent.checkpoints.items() if v.position <= c.position})
+        with self._lock:
+            self._admit(child, c.position + (token is not None))
+            self._sessions[child.id] = child
+        try:
+            if token is not None:
+                self.anchor.prefill(child.caches, [token])
+            self._rechain(child)
+        except Exception:
+            self.delete(child)
+            raise
+        self._save(child)
+        return child
+
     def _build(self, session: Session, start: int) -> Segment:
         data = self.anchor.hologram_bytes(session.caches, start)
         return Segment(data, start, session.n_tokens - 1)
@@ -305,27 +445,33 @@ class SessionStore:
     def _admit(self, session: Session, n_tokens: int) -> None:
         """Hold memory for the session's caches over `n_tokens`; 503 when the server is full.
         Callers hold the store's lock."""
-        if not session.reserved_tokens and self._live >= self.settings.max_sessions:
+        if not session.admitted and self._live >= self.settings.max_sessions:
             raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions in "
                                   "memory; retry after other sessions are deleted")
         self._reserve(session, n_tokens)
 
     def _reserve(self, session: Session, n_tokens: int) -> None:
-        extra = n_tokens - session.reserved_tokens
-        need = (self._kv_tokens + extra) * self.kv_bytes_per_token
+        """Hold memory for `n_tokens` positions of the session's caches, past the frozen runs it
+        holds (those are charged already). Callers hold the store's lock."""
+        anchor = session.caches.anchor
+        own = n_tokens - (anchor.frozen_tokens if anchor is not None else 0)
+        extra = own - session.reserved_tokens
+        need = (self._charged_tokens() + extra) * self.kv_bytes_per_token
         if need > self.settings.max_kv_bytes:
             raise KVMemoryFull(f"{n_tokens} tokens need {extra * self.kv_bytes_per_token} more bytes of KV "
                                f"memory; {self.kv_bytes} of {self.settings.max_kv_bytes} bytes are in use; "
                                "retry after other sessions are deleted")
-        self._live += not session.reserved_tokens
+        self._live += not session.admitted
+        session.admitted = True
         self._kv_tokens += extra
-        session.reserved_tokens = n_tokens
+        session.reserved_tokens = own
 
     def _release(self, session: Session) -> None:
-        """Give back the session's memory; callers hold the store's lock."""
-        self._live -= bool(session.reserved_tokens)
+        """Give back the session's own memory (shared runs go with the last cache holding them);
+        callers hold the store's lock."""
+        self._live -= session.admitted
         self._kv_tokens -= session.reserved_tokens
-        session.reserved_tokens = 0
+        session.reserved_tokens, session.admitted = 0, False
 
     def _index(self, t: Transcript) -> None:
         """Restore a session from its transcript at startup, unless it belongs to another model."""
@@ -348,12 +494,19 @@ class SessionStore:
             self._release(session)
         session.messages = [m.model_dump() for m in t.messages]
         session.caches = Caches(ids=list(t.ids), pending=t.ids[-1] if t.pending else None)
-        session.chain_base, session.chains = t.chain_base, [frames.GENESIS]
-        for token in t.ids[t.chain_base:]:
-            session.chains.append(frames.chain_next(session.chains[-1], token))
+        session.chain_base = t.chain_base
+        self._rechain(session)
         session.sampling, session.holo_end = t.sampling, t.holo_end
+        session.checkpoints = {c.name: c for c in t.checkpoints}
         session.full = None
         session.saved = t
+
+    @staticmethod
+    def _rechain(session: Session) -> None:
+        """The chain hashes after each confirmed token of the answer (protocol/SPEC.md)."""
+        session.chains = [frames.GENESIS]
+        for token in session.answer:
+            session.chains.append(frames.chain_next(session.chains[-1], token))
 
     def _wake(self, session: Session) -> None:
         """Rebuild a restored session's caches from its token ids (prefill; KV limits apply)."""
@@ -373,7 +526,7 @@ class SessionStore:
         t = Transcript(id=session.id, token=session.token, model_id=self.anchor.lm.model_id,
                        messages=session.messages, ids=list(c.ids), pending=c.pending is not None,
                        chain_base=session.chain_base, sampling=session.sampling, holo_end=session.holo_end,
-                       created=session.created)
+                       created=session.created, checkpoints=list(session.checkpoints.values()))
         try:
             self.transcripts.save(t)
         except OSError as e:

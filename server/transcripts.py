@@ -20,12 +20,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 log = logging.getLogger(__name__)
 
 SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what secrets.token_urlsafe writes: safe as a file name
+CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,63}$"  # printable in any page or log, no path characters
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+class Checkpoint(BaseModel):
+    """A named position of a session's trail and what a backtrack to it restores besides the ids
+    (server/sessions.py): the turns then recorded and where the answer then being written started."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=CHECKPOINT_NAME)
+    position: int = Field(ge=1)  # confirmed tokens: the ids are the session's first `position`
+    chain_base: int = Field(ge=1)
+    n_messages: int = Field(ge=1)
+    created: float
 
 
 class Transcript(BaseModel):
@@ -41,15 +53,19 @@ class Transcript(BaseModel):
     sampling: tuple[float, int] | None
     holo_end: int = Field(ge=0)
     created: float
+    checkpoints: list[Checkpoint] = []  # in creation order; all on the current trail (positions <= len(ids))
 
     @model_validator(mode="after")
     def _consistent(self) -> Transcript:
         if self.chain_base > len(self.ids):
             raise ValueError(f"chain_base {self.chain_base} is past the {len(self.ids)} token ids")
-        if self.pending and len(self.ids) == self.chain_base:
-            raise ValueError("a pending token must be a confirmed answer token, after chain_base")
         if self.holo_end >= len(self.ids):
             raise ValueError(f"holo_end {self.holo_end} is past the last of the {len(self.ids)} token ids")
+        if len({c.name for c in self.checkpoints}) != len(self.checkpoints):
+            raise ValueError("checkpoint names repeat")
+        for c in self.checkpoints:
+            if c.position > len(self.ids) or not c.chain_base <= c.position or c.n_messages > len(self.messages):
+                raise ValueError(f"checkpoint {c.name!r} is not on the session's trail")
         return self
 
 
