@@ -202,15 +202,15 @@ def elements(dims: Dims, sel: Selection) -> dict[str, int]:
     return out
 
 
-# Bytes per element of the answer: f32 in a .holo file; JSON's decimal text of a float32
-# value (Python repr of the float, a separator) is at most about 20 characters.
-BYTES_PER_ELEMENT = {"holo": 4, "json": 20}
+# Bytes per element of the answer: f32 in a .holo file; in JSON at most 17 characters
+# (json_values: "-1.23456789e-05, ") and 4 of brackets when a row holds one element.
+BYTES_PER_ELEMENT = {"holo": 4, "json": 21}
 
 
 def estimate_bytes(dims: Dims, sel: Selection, fmt: str) -> int:
     """An upper estimate of the answer's size, known before the forward pass runs."""
     raw = sum(elements(dims, sel).values()) * BYTES_PER_ELEMENT[fmt]
-    tokens = (sel.end - sel.start) * 120  # positions, ids, pieces, two aggregates, peaks
+    tokens = (sel.end - sel.start) * 200  # position, id, text piece, two aggregates, peaks
     heads = len(sel.layers) * len(sel.heads) * len(HEAD_SUMMARY) * 22
     trajectory = len(sel.layers) * (len(STATES) + 16) * 60
     return raw + tokens + heads + trajectory + 2048
@@ -348,7 +348,7 @@ class Capture:
             "peaks": {"percentile": s.percentile,
                       "attention": {"threshold": a_thr, "positions": a_pos},
                       "activation": {"state": s.activation, "threshold": m_thr, "positions": m_pos}},
-            "head_summary": {k: _json_values(v) for k, v in self.heads.items()},
+            "head_summary": {k: json_values(v) for k, v in self.heads.items()},
             "trajectory": self.trajectory,
         }
 
@@ -372,12 +372,11 @@ class Capture:
         return save_hologram(Holo("captured_state", meta, tensors))
 
 
-def _json_values(a: np.ndarray) -> list:
-    """Nested lists with null for NaN and infinities, which JSON cannot hold."""
-    a = np.asarray(a)
-    if np.isfinite(a).all():
-        return a.tolist()
-    return np.where(np.isfinite(a), a.astype(np.float64).astype(object), None).tolist()
+def json_values(a: np.ndarray) -> list:
+    """Nested lists of float32 values for JSON: 9 significant digits (exactly the float32 again when
+    read back, and at most 17 characters with the separator), null for NaN and infinities."""
+    flat = [float(f"{v:.9g}") if math.isfinite(v) else None for v in np.asarray(a, dtype=np.float32).ravel().tolist()]
+    return np.array(flat, dtype=object).reshape(np.shape(a)).tolist()
 
 
 class _Recorder:
@@ -386,8 +385,11 @@ class _Recorder:
     def __init__(self, dims: Dims, sel: Selection, device: torch.device):
         self.dims, self.sel = dims, sel
         self.layer_row = {layer: r for r, layer in enumerate(sel.layers)}
-        self.head_index = torch.tensor(sel.heads, device=device)
-        self.kv_index = torch.tensor(sel.kv_heads, device=device)
+        # None: every head is selected, and an index_select would only copy
+        self.head_index = None if len(sel.heads) == dims.heads else torch.tensor(sel.heads, device=device)
+        self.kv_index = None if len(sel.kv_heads) == dims.kv_heads else torch.tensor(sel.kv_heads, device=device)
+        # entries of an [Hs, n, end] attention state that the causal mask leaves visible: query q sees q + 1 keys
+        self.visible = len(sel.heads) * sum(q + 1 for q in range(sel.start, sel.end))
         n, L, Hs = sel.end - sel.start, len(sel.layers), len(sel.heads)
         self.q_pos = torch.arange(sel.start, sel.end, device=device)  # [n] query positions of the range
         self.wanted = set(sel.states)
@@ -404,9 +406,9 @@ class _Recorder:
                 x = x.narrow(axis, s.start, s.end - s.start)
             elif letter == "k":
                 x = x.narrow(axis, 0, s.end)
-            elif letter == "h":
+            elif letter == "h" and self.head_index is not None:
                 x = x.index_select(axis, self.head_index)
-            elif letter == "g":
+            elif letter == "g" and self.kv_index is not None:
                 x = x.index_select(axis, self.kv_index)
         return x
 
@@ -417,11 +419,10 @@ class _Recorder:
 
     def _trace(self, layer: int | None, spec: StateType, name: str, x: torch.Tensor) -> None:
         """Extend the trajectory: consecutive states of one operation share an entry."""
-        if spec.masked:
-            finite = torch.isfinite(x)
-            rms = (x.masked_fill(~finite, 0).pow(2).sum() / finite.sum().clamp(min=1)).sqrt()
+        if spec.masked:  # over the visible entries only
+            rms = torch.linalg.vector_norm(x.nan_to_num(neginf=0.0)) / math.sqrt(self.visible)
         else:
-            rms = x.pow(2).mean().sqrt()
+            rms = torch.linalg.vector_norm(x) / math.sqrt(x.numel())
         prefix = "" if layer is None else f"blocks.{layer}."
         component = (prefix + spec.component).rstrip(".")
         last = self.trajectory[-1] if self.trajectory else None
@@ -456,8 +457,8 @@ class _Recorder:
         n = s.end - s.start
         entropy = -torch.special.xlogy(p, p).sum(-1)  # [Hs, n]
         self._keep(layer, "attn.entropy", entropy)
-        keys = torch.arange(s.end, device=p.device)
-        distance = (p * (q[:, None] - keys[None, :])).sum(-1)  # [Hs, n]
+        keys = torch.arange(s.end, device=p.device, dtype=p.dtype)
+        distance = q - p @ keys  # [Hs, n]: sum_k p (q - k), as rows sum to 1
         rows = torch.arange(n, device=p.device)
         summary = {"entropy": entropy.mean(1), "max_weight": p.max(-1).values.mean(1), "sink": p[:, :, 0].mean(1),
                    "self": p[:, rows, q].mean(1), "distance": distance.mean(1)}

@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, _json_values, capture,
+from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, json_values, capture,
                             estimate_bytes, select)
 from server.config import Settings
 from server.hyperbolic import StateStore, StoreError
@@ -169,7 +169,7 @@ def capture_router(settings: Settings) -> APIRouter:
                             headers={"X-HPI-Estimate-Bytes": str(need)})
         out = {"model_id": lm.model_id, "estimate_bytes": need, **cap.summary()}
         out["tokens"]["pieces"] = [lm.tokenizer.decode([t]) for t in out["tokens"]["ids"]]
-        out["tensors"] = {name: {"shape": list(a.shape), "data": _json_values(a)} for name, a in cap.tensors.items()}
+        out["tensors"] = {name: {"shape": list(a.shape), "data": json_values(a)} for name, a in cap.tensors.items()}
         return JSONResponse(out)
 
     def spec_of(body: StoreBody, lm: LoadedModel) -> dict:

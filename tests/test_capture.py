@@ -203,3 +203,12 @@ def test_the_estimate_is_known_before_and_the_holo_carries_the_capture(tiny):
     assert holo.tensors["heads.entropy"].shape == (2, 1)
     assert holo.tensors["peaks.attention"].tolist() == cap.summary()["peaks"]["attention"]["positions"]
     assert holo.meta["trajectory"] == cap.trajectory
+
+
+def test_docs_table_lists_every_state_with_its_shape():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "capture.md").read_text()
+    rows = {line.split("|")[1].strip().split()[0].strip("`"): line.split("|")[2].strip()
+            for line in doc.splitlines() if line.startswith("| `")}
+    for name, s in STATES.items():
+        assert rows.get(name) == s.shape, name
