@@ -278,10 +278,106 @@ def text_benchmark(train, test, n: int, dim: int) -> tuple[dict, Memory, np.ndar
     return info, mem, ctx_te
 
 
+# -- the memory as a draft source (prompt-lookup style) ------------------------------------
+
+DRAFT_TASKS = [  # (instruction, repo file, which part): input-grounded tasks, where answers copy the input
+    ("Add a docstring to each function in this code and repeat the code in full:", "server/rope.py", 0),
+    ("Rewrite this code with the variable names unchanged, adding type hints:", "server/sampling.py", 0),
+    ("Repeat this code exactly, fixing any typos in the comments:", "server/metrics.py", 0),
+    ("Summarise this text in a few sentences, quoting its key terms:", "README.md", 1),
+    ("Summarise this text in a few sentences, quoting its key terms:", "docs/codec.md", 1),
+    ("Copy the table in this text and explain each row:", "docs/fidelity.md", 1),
+]
+
+
+def draft_prompts(tok, max_chars: int = 1800) -> list[list[int]]:
+    prompts = []
+    for instruction, path, _ in DRAFT_TASKS:
+        text = (REPO / path).read_text()[:max_chars]
+        messages = [{"role": "user", "content": f"{instruction}\n\n{text}"}]
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tok(rendered, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
+def decode_with_memory_drafts(model, eos: set[int], prompt: list[int], max_new: int, k: int, n: int):
+    """Greedy decoding where a memory learned from the prompt (and the answer so far) drafts up to
+    k tokens; only drafts its episodic path gives are proposed. One forward pass checks them all."""
+    import torch
+    from transformers import DynamicCache
+    mem = Memory(Config(vocab=model.config.vocab_size, context=n, planned_patterns=max(len(prompt), 1024)))
+    mem.learn_sequence(np.array(prompt, np.int64))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
+        out = [int(logits.argmax())]
+        passes, proposed, accepted = 1, 0, 0
+        while len(out) < max_new and out[-1] not in eos:
+            seq = prompt + out
+            drafts = []
+            for t, path in zip(*mem.generate(seq[-n:], k)):
+                if path != "episodic":
+                    break
+                drafts.append(t)
+            drafts = drafts[:max_new - len(out) - 1]
+            feed = [out[-1]] + drafts  # the last confirmed token has no KV yet
+            logits = model(input_ids=torch.tensor([feed]), past_key_values=cache, use_cache=True).logits[0]
+            choice = logits.argmax(-1).tolist()  # choice[i]: the model's token after feed[:i+1]
+            a = 0
+            while a < len(drafts) and drafts[a] == choice[a] and drafts[a] not in eos:
+                a += 1
+            if len(drafts) > a:
+                cache.crop(a - len(drafts))
+            new = drafts[:a] + [choice[a]]
+            mem.learn_sequence(np.array(seq[-n:] + new, np.int64))
+            out += new
+            passes += 1
+            proposed += len(drafts)
+            accepted += a
+    return out[:max_new], passes, proposed, accepted
+
+
+def drafts_benchmark(max_new: int = 96, k: int = 10, n: int = 2) -> dict:
+    import torch
+    from server.models import load_model
+    # One thread: on this shared 2-core machine two torch threads contend with the other work
+    # and decode 8x slower (measured: 16 tokens in 42 s with 2 threads, 5.3 s with 1).
+    torch.set_num_threads(1)
+    lm = load_model("default", device="cpu")
+    model, eos = lm.model, set(lm.eos_token_ids)
+    gen = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos), pad_token_id=lm.tokenizer.pad_token_id)
+    rows = []
+    for task, prompt in zip(DRAFT_TASKS, draft_prompts(lm.tokenizer)):
+        ids = torch.tensor([prompt])
+        t = time.perf_counter()
+        plain = model.generate(ids, **gen)[0, len(prompt):].tolist()
+        t_plain = time.perf_counter() - t
+        t = time.perf_counter()
+        lookup = model.generate(ids, prompt_lookup_num_tokens=k, **gen)[0, len(prompt):].tolist()
+        t_lookup = time.perf_counter() - t
+        t = time.perf_counter()
+        mine, passes, proposed, accepted = decode_with_memory_drafts(model, eos, prompt, max_new, k, n)
+        t_mine = time.perf_counter() - t
+        rows.append({"task": f"{task[0].split(' ')[0]} {task[1]}", "prompt_tokens": len(prompt),
+                     "tokens": len(plain), "plain_s": t_plain, "prompt_lookup_s": t_lookup, "memory_s": t_mine,
+                     "prompt_lookup_same": lookup == plain, "memory_same": mine == plain,
+                     "memory_passes": passes, "memory_proposed": proposed, "memory_accepted": accepted})
+    tot = lambda key: sum(r[key] for r in rows)
+    return {"k": k, "n": n, "max_new_tokens": max_new, "rows": rows,
+            "speedup_prompt_lookup": tot("plain_s") / tot("prompt_lookup_s"),
+            "speedup_memory": tot("plain_s") / tot("memory_s"),
+            "memory_acceptance": tot("memory_accepted") / max(tot("memory_proposed"), 1),
+            "memory_tokens_per_pass": tot("tokens") / tot("memory_passes")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes; writes nothing")
+    ap.add_argument("--drafts", action="store_true",
+                    help="only the draft-source comparison on SmolLM2; adds it to docs/results/memory.json")
     args = ap.parse_args()
+    if args.drafts:
+        return drafts_main(args.quick)
     quick = args.quick
     mach = machine()
     command = "python -m bench.memory" + (" --quick" if quick else "")
@@ -395,6 +491,37 @@ def main() -> None:
         path = REPO / "docs" / "results" / "memory.json"
         path.write_text(json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
+
+
+def drafts_main(quick: bool) -> None:
+    mach = machine()
+    command = "python -m bench.memory --drafts" + (" --quick" if quick else "")
+    print(f"machine: {mach['cpu']}, {mach['cores']} cores, load average {mach['load_avg_start']} at start\n"
+          f"command: {command}", flush=True)
+    if quick:
+        del DRAFT_TASKS[2:]
+    res = drafts_benchmark(max_new=24 if quick else 96)
+    mach["load_avg_end"] = round(os.getloadavg()[0], 2)
+    rows = [[r["task"], r["prompt_tokens"], r["tokens"], f"{r['plain_s']:.2f}",
+             f"{r['prompt_lookup_s']:.2f}" + ("" if r["prompt_lookup_same"] else " (differs)"),
+             f"{r['memory_s']:.2f}" + ("" if r["memory_same"] else " (differs)"),
+             f"{r['memory_accepted']}/{r['memory_proposed']}", r["memory_passes"]] for r in res["rows"]]
+    rows.append(["all", "", sum(r["tokens"] for r in res["rows"]), "1.00x",
+                 f"{res['speedup_prompt_lookup']:.2f}x", f"{res['speedup_memory']:.2f}x",
+                 f"{res['memory_acceptance']:.0%}", f"{res['memory_tokens_per_pass']:.2f} tok/pass"])
+    text = table(f"SmolLM2-135M greedy, {res['max_new_tokens']} new tokens: plain decoding, transformers' prompt "
+                 f"lookup (k={res['k']}) and memory drafts (n={res['n']}, up to {res['k']} episodic drafts)",
+                 ["task", "prompt", "tokens", "plain s", "prompt lookup s", "memory drafts s",
+                  "drafts accepted", "passes"], rows)
+    text += f"\nload average at the end: {mach['load_avg_end']}"
+    print(text, flush=True)
+    if not quick:
+        path = REPO / "docs" / "results" / "memory.json"
+        out = json.loads(path.read_text())
+        out["drafts"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+                         "machine": mach, **res, "printed": text}
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"updated {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
