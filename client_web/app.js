@@ -421,6 +421,51 @@ async function remove(conv) {
   render();
 }
 
+/**
+ * The anchor's attention weights of one layer and head over the last answer (POST /v1/capture),
+ * as a heatmap of queries (rows) by keys (columns) within the answer, and the answer's tokens
+ * with the peaks of attention received (capture's percentile, default 90) highlighted.
+ */
+async function showAttention() {
+  const conv = hpi.conv;
+  const answer = conv && lastAnswer(conv);
+  if (!conv?.session || !answer?.ids?.length) return status('Write an answer on the GPU first.', true);
+  const layer = Number($('layer').value), head = Number($('head').value);
+  const start = answer.start, end = answer.start + answer.ids.length;
+  let cap;
+  try {
+    cap = await (await fetchOk('/v1/capture', {
+      method: 'POST', headers: { 'Content-Type': 'application/json', ...bearer(conv) },
+      body: JSON.stringify({ session_id: conv.session.id, layers: [layer], heads: [head],
+        states: ['attn.hook_pattern'], start, end }),
+    })).json();
+  } catch (e) {
+    return status(`No attention view: ${e.message}`, true);
+  }
+  const rows = cap.tensors[`blocks.${layer}.attn.hook_pattern`].data[0];  // [n queries][end keys]
+  const n = rows.length;
+  const cell = Math.max(2, Math.floor(480 / n));
+  const canvas = $('attention');
+  canvas.width = canvas.height = n * cell;
+  const g = canvas.getContext('2d');
+  for (let q = 0; q < n; q++) {
+    for (let k = 0; k < n; k++) {
+      const shade = Math.round(255 * (1 - Math.sqrt(rows[q][start + k])));  // sqrt: faint weights stay visible
+      g.fillStyle = `rgb(${shade},${shade},255)`;
+      g.fillRect(k * cell, q * cell, cell, cell);
+    }
+  }
+  const peaks = new Set(cap.peaks.attention.positions);
+  $('attention-tokens').replaceChildren(...cap.tokens.positions.map((pos, i) => {
+    const span = document.createElement('span');
+    span.textContent = cap.tokens.pieces[i];
+    span.classList.toggle('peak', peaks.has(pos));
+    span.title = `position ${pos}, attention received ${cap.tokens.attention_received[i].toFixed(3)}`;
+    return span;
+  }));
+  hpi.attention = { layer, head, start, end, rows, peaks: [...peaks] };
+}
+
 async function boot() {
   hpi.store = await openStore();
   hpi.model = (await (await fetchOk('/v1/models')).json()).models[0];
@@ -454,6 +499,7 @@ $('ask').addEventListener('submit', (e) => {
 });
 $('more').addEventListener('click', () => { if (!hpi.busy) generate(); });
 $('new').addEventListener('click', () => { if (!hpi.busy) newConversation(); });
+$('show-attention').addEventListener('click', () => showAttention());
 
 hpi.ready = boot().catch((e) => {
   status(`The page could not start: ${e.message}`, true);
