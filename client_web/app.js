@@ -108,6 +108,8 @@ function render() {
     turns.at(-1).append(span);
   }
   $('messages').replaceChildren(...turns);
+  $('checkpoints').replaceChildren(...(conv?.checkpoints || []).map((c) => new Option(`${c.name} (at ${c.position})`,
+    c.name)));
   showStats();
 }
 
@@ -421,6 +423,74 @@ async function remove(conv) {
   render();
 }
 
+// ---- trail: checkpoints, backtracking, forks (protocol/SPEC.md) -------------------------
+
+const hexBytes = (hex) => Uint8Array.from(hex.match(/../g), (h) => parseInt(h, 16));
+
+async function trailRequest(conv, path, body) {
+  return (await fetchOk(`/v1/sessions/${conv.session.id}/${path}`, {
+    method: 'POST', headers: { 'Content-Type': 'application/json', ...bearer(conv) }, body: JSON.stringify(body),
+  })).json();
+}
+
+async function checkpoint() {
+  const conv = hpi.conv;
+  if (hpi.busy || conv?.mode !== 'gpu' || !conv.session) return;
+  const c = await trailRequest(conv, 'checkpoints', { name: `checkpoint ${(conv.checkpoints ??= []).length + 1}` });
+  conv.checkpoints.push({ name: c.name, position: c.position });
+  await persist(conv);
+  render();
+}
+
+/**
+ * Put `conv` in the state the anchor restored at a checkpoint (a backtrack's or a fork's
+ * reply): turns after it dropped, the open answer's tokens, the holograms that end before it
+ * (the tokens after them are fed again), and the sync position and chain there.
+ */
+async function restoreTo(conv, r) {
+  conv.turns.length = r.n_messages;
+  const answer = { role: 'assistant', ids: [...r.tokens], content: '', start: r.chain_base };
+  answer.content = decode(answer.ids);
+  conv.turns.push(answer);
+  conv.segments = conv.segments.filter((seg) => seg.end <= r.position - 1);
+  conv.checkpoints = (conv.checkpoints || []).filter((c) => c.position <= r.position);
+  conv.sync = { position: r.position, chain: hexBytes(r.chain) };
+  await loadConversation(conv);
+  await persist(conv);
+}
+
+async function trailAction(fork) {
+  const conv = hpi.conv;
+  const name = $('checkpoints').value;
+  if (hpi.busy || !name) return;
+  setBusy(true);
+  try {
+    if (fork) {
+      const temperature = Math.max(0.1, Number($('temperature').value) || 0.7);
+      const r = await trailRequest(conv, 'fork', { checkpoint: name, temperature,
+        seed: Math.floor(Math.random() * 2 ** 32) });
+      const copy = structuredClone(conv);
+      Object.assign(copy, { id: crypto.randomUUID(), title: `${conv.title} (fork)`, created: Date.now(),
+        session: { id: r.session_id, token: r.token },
+        sampling: { temperature: r.sampling[0], seed: r.sampling[1] } });
+      hpi.conv = copy;
+      hpi.conversations.unshift(copy);
+      await restoreTo(copy, r);
+      status(`Forked at ${r.position} (${r.shared_tokens} positions shared with the parent).`);
+    } else {
+      const r = await trailRequest(conv, 'backtrack', { checkpoint: name });
+      await restoreTo(conv, r);
+      status(`Back at ${r.position}: ${r.dropped} tokens dropped.`);
+    }
+    hpi.reconciler = null;
+  } catch (e) {
+    status(`${fork ? 'Fork' : 'Backtrack'} failed: ${e.message}`, true);
+  } finally {
+    setBusy(false);
+    render();
+  }
+}
+
 /**
  * The anchor's attention weights of one layer and head over the last answer (POST /v1/capture),
  * as a heatmap of queries (rows) by keys (columns) within the answer, and the answer's tokens
@@ -500,6 +570,9 @@ $('ask').addEventListener('submit', (e) => {
 $('more').addEventListener('click', () => { if (!hpi.busy) generate(); });
 $('new').addEventListener('click', () => { if (!hpi.busy) newConversation(); });
 $('show-attention').addEventListener('click', () => showAttention());
+$('checkpoint').addEventListener('click', () => checkpoint());
+$('backtrack').addEventListener('click', () => trailAction(false));
+$('fork').addEventListener('click', () => trailAction(true));
 
 hpi.ready = boot().catch((e) => {
   status(`The page could not start: ${e.message}`, true);

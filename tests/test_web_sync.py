@@ -36,13 +36,15 @@ class Anchor:
     def stop(self):
         self.stack.close()
 
-    def alone(self, conv: dict) -> list[int]:
-        """What the anchor alone writes for the page's last answer, as many tokens as it has."""
+    def alone(self, conv: dict, given: int = 0) -> list[int]:
+        """What the anchor alone writes for the page's last answer, as many tokens as it has;
+        its first `given` tokens are taken as they are (a fork's, written before it forked)."""
         session = self.app.state.store.get(conv["session"]["id"], conv["session"]["token"])
         answer = conv["turns"][-1]
-        prompt = session.caches.ids[:answer["start"]]
-        return list(completions.decode(self.anchor.lm, prompt, len(answer["ids"]),
-                                       conv["sampling"]["temperature"], conv["sampling"]["seed"]))
+        prompt = session.caches.ids[:answer["start"] + given]
+        return answer["ids"][:given] + list(completions.decode(
+            self.anchor.lm, prompt, len(answer["ids"]) - given, conv["sampling"]["temperature"],
+            conv["sampling"]["seed"]))
 
 
 class Link:
@@ -181,6 +183,35 @@ def test_a_chain_the_anchor_does_not_know_reloads_the_full_hologram(context, anc
     c = conv(p)
     assert stats(p)["refreshes"] == 1 and p.count("/hologram") == 1
     assert len(c["turns"][-1]["ids"]) > 8 and c["turns"][-1]["ids"] == anchor.alone(c)
+    assert not p.errors, p.errors
+
+
+def test_backtrack_continues_as_before_and_a_fork_answers_exactly_on_its_own(context, anchor):
+    p = Page(context, anchor.url, "?sync=4")
+    p.open()
+    p.ask(PROMPT, 8)
+    at = conv(p)["sync"]["position"]
+    p.page.click("#trail summary")
+    p.page.click("#checkpoint")
+    p.page.wait_for_function("window.hpi.conv.checkpoints?.length === 1")
+    p.more(8)
+    original = p.tokens()
+    p.page.click("#backtrack")
+    p.page.wait_for_function(f"window.hpi.conv.sync.position === {at} && !window.hpi.busy")
+    assert p.tokens() == original[:at - conv(p)["turns"][-1]["start"]]
+    p.more(8)
+    assert p.tokens()[:len(original)] == original  # greedy: the same continuation from the checkpoint
+
+    p.page.fill("#temperature", "0.8")
+    p.page.click("#fork")
+    p.page.wait_for_function("window.hpi.conversations.length === 2 && !window.hpi.busy")
+    fork = conv(p)
+    assert fork["session"]["id"] != p.page.evaluate("() => window.hpi.conversations[1].session.id")
+    assert fork["sampling"]["temperature"] == 0.8 and fork["sync"]["position"] == at
+    p.more(8)
+    c = conv(p)
+    given = len(fork["turns"][-1]["ids"])
+    assert len(c["turns"][-1]["ids"]) > given and c["turns"][-1]["ids"] == anchor.alone(c, given)
     assert not p.errors, p.errors
 
 
