@@ -212,7 +212,7 @@ def test_forks_share_the_prefix_and_cannot_change_it(anchor, tiny, tmp_path):
                 assert (v["type"], v["accepted"]) == ("ack", len(own))
         # Memory: each fork's storage beyond what the sessions before it hold is exactly its own positions.
         measured = own_bytes(tiny, session_of(client, body), [session_of(client, f) for f in forks])
-        assert all(got == want > 0 for got, want in measured)
+        assert all(got == want for got, want in measured) and sum(want for _, want in measured) > 0
 
         # The parent grows and goes back below the shared prefix: the forks' prefix does not change.
         sync(client, body, position, chain, list(completions.decode(tiny, prompt, 20)), truth)
