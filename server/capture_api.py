@@ -26,8 +26,8 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, json_values, capture,
-                            estimate_bytes, select)
+from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
+                            select)
 from server.config import Settings
 from server.hyperbolic import StateStore, StoreError
 from server.metrics import METRICS
