@@ -489,6 +489,8 @@ def main() -> None:
     out["printed"] = "\n".join(printed)
     if not quick:
         path = REPO / "docs" / "results" / "memory.json"
+        if path.exists() and "drafts" in (old := json.loads(path.read_text())):
+            out["drafts"] = old["drafts"]  # a separate run (--drafts) that this one does not repeat
         path.write_text(json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
 

@@ -5,8 +5,8 @@ Learning a (context, target) pair:
   basin = hash(quantize(Grace(coeffs(C)))) % S  routing by the Cl(3,1) coefficients
   satellite[basin] += φ⁻¹ · C E[target]          Hebbian accumulation (binding)
   episodic[context][target] += 1                 exact cache
-Retrieval tries, in order: the episodic cache (exact), the nearest prototype by witness
-distance (formed by dreaming; its targets are the candidates), holographic unbinding
+Retrieval tries, in order: the episodic cache (exact), the prototype of the query's witness
+cell (formed by dreaming; its targets are the candidates), holographic unbinding
 Cᵀ satellite[basin] scored against the embeddings, and the unigram prior. Every answer
 names the path that gave it. Everything is batched: B contexts at a time.
 """
@@ -14,8 +14,8 @@ names the path that gave it. Everything is batched: B contexts at a time.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class Memory:
     prototypes: Prototypes = None
     patterns: int = 0
     dreams: int = 0
-    emb: np.ndarray = field(default=None, repr=False)
+    emb: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         c = self.config
