@@ -40,8 +40,8 @@ def run(anchor, tiny, n: int, k: int, temperature: float, seed: int, drift: floa
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 7)])
 def test_confirmed_tokens_equal_the_anchor_alone(anchor, tiny, temperature, seed):
-    n = 24
-    truth = list(completions.decode(tiny, tiny.chat_ids(MESSAGES), n, temperature, seed))
+    truth = list(completions.decode(tiny, tiny.chat_ids(MESSAGES), 24, temperature, seed))
+    n = len(truth)  # fewer when the random model ends its answer early: nothing follows an end token
     exact, passes, corrections = run(anchor, tiny, n, 6, temperature, seed, drift=0.0)
     assert exact == truth[:n]
     assert corrections == 0 and passes <= -(-n // 7) + 1  # k accepted + 1 confirmed per pass
