@@ -10,12 +10,12 @@ and skipped, so it cannot stop the anchor from starting.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,7 @@ class TranscriptDir:
 
     def save(self, transcript: Transcript) -> None:
         """Replace the session's transcript atomically and durably."""
-        final = self.file(transcript.id)
-        tmp = self.path / f".{transcript.id}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(transcript.model_dump_json().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename itself is durable only once the directory is synced.
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.file(transcript.id), transcript.model_dump_json().encode())
 
     def delete(self, session_id: str) -> None:
         self.file(session_id).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
-from server.memory import persist
+from server import durable
 
 TEXT = ("The anchor keeps the exact KV cache. The page decodes from the hologram. "
         "The anchor verifies the drafted tokens in one forward pass. ") * 4
@@ -109,7 +109,7 @@ def test_a_failed_save_loses_nothing_acknowledged(client, monkeypatch, tmp_path)
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(persist.os, "replace", crash)
+    monkeypatch.setattr(durable.os, "replace", crash)
     with pytest.raises(OSError):  # the test client re-raises the server error
         client.post("/v1/memories/notes/learn", json={"tokens": [20, 21, 22, 23]})
     monkeypatch.undo()

@@ -8,13 +8,12 @@ against the configuration, so a corrupted or hostile file is reported, never use
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from protocol.holo import Holo, HoloError, load_hologram, save_hologram
+from server.durable import write_atomic
 from server.memory import so4
 from server.memory.episodic import Episodic
 from server.memory.store import Config, Memory, Prototypes
@@ -103,22 +102,7 @@ def _ids_ok(a: np.ndarray, vocab: int) -> bool:
 def save(mem: Memory, name: str, path: Path) -> int:
     """Write the memory to `path` atomically and durably; returns the bytes written."""
     data = save_hologram(to_holo(mem, name))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename is durable once the directory is synced
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data)
     return len(data)
 
 
