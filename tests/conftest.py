@@ -78,3 +78,37 @@ def page(browser, tiny_server):
     page.goto(tiny_server[0] + "/healthz")
     yield page
     context.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_anchor(tiny):
+    from server.anchor import Anchor
+    return Anchor(tiny)
+
+
+@pytest.fixture
+def make_client(tiny_anchor, tmp_path):
+    """HTTP clients of the app on the tiny anchor (lifespan run). Each app starts without
+    transcripts; they share one memories directory, so a second one sees the first's memories."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+    clients = []
+
+    def make(**settings) -> TestClient:
+        sessions = tmp_path / f"sessions-{len(clients)}"
+        app = create_app(Settings(sessions_dir=str(sessions), memories_dir=str(tmp_path / "memories"), **settings),
+                         tiny_anchor)
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()

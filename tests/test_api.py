@@ -3,37 +3,12 @@ from fastapi.testclient import TestClient
 
 from protocol import frames
 from protocol.holo import content_hash, load_hologram
-from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
+from tests.http_errors import assert_error
 
 USER = [{"role": "user", "content": "What does the anchor keep?"}]
 TURN = [{"role": "assistant", "content": "The exact KV cache."}, {"role": "user", "content": "And the page?"}]
-
-
-@pytest.fixture(scope="module")
-def anchor(tiny):
-    return Anchor(tiny)
-
-
-@pytest.fixture
-def make_client(anchor, tmp_path):
-    clients = []
-
-    def make(**limits) -> TestClient:
-        sessions = tmp_path / f"sessions-{len(clients)}"  # each app starts without transcripts
-        client = TestClient(create_app(Settings(sessions_dir=str(sessions), **limits), anchor))
-        clients.append(client.__enter__())  # runs the lifespan
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def create(client, messages=USER):
@@ -51,28 +26,22 @@ def session_of(client, body):
     return store(client).get(body["session_id"], body["token"])
 
 
-def assert_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.json()["error"]["code"] == code
-    assert r.json()["error"]["message"]
-
-
-def test_health_root_and_models(client, anchor):
+def test_health_root_and_models(client, tiny_anchor):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/", follow_redirects=False)
     assert r.status_code in (302, 307) and r.headers["location"] == "/client/"
     (m,) = client.get("/v1/models").json()["models"]
-    assert m["model_key"] == anchor.model_key and m["pack_hash"] == anchor.pack_hash
-    assert m["anchor_model"] == m["resonator_model"] == anchor.lm.model_id
-    assert m["tokenizer_id"] == anchor.lm.tokenizer_id
-    assert m["pack_url"] == f"/v1/models/{anchor.model_key}/pack"
+    assert m["model_key"] == tiny_anchor.model_key and m["pack_hash"] == tiny_anchor.pack_hash
+    assert m["anchor_model"] == m["resonator_model"] == tiny_anchor.lm.model_id
+    assert m["tokenizer_id"] == tiny_anchor.lm.tokenizer_id
+    assert m["pack_url"] == f"/v1/models/{tiny_anchor.model_key}/pack"
 
 
-def test_pack_etag_and_304(client, anchor):
-    url = f"/v1/models/{anchor.model_key}/pack"
+def test_pack_etag_and_304(client, tiny_anchor):
+    url = f"/v1/models/{tiny_anchor.model_key}/pack"
     r = client.get(url)
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
-    assert r.headers["etag"] == f'"{content_hash(r.content)}"' and content_hash(r.content) == anchor.pack_hash
+    assert r.headers["etag"] == f'"{content_hash(r.content)}"' and content_hash(r.content) == tiny_anchor.pack_hash
     assert load_hologram(r.content).kind == "model_pack"
     r2 = client.get(url, headers={"If-None-Match": r.headers["etag"]})
     assert r2.status_code == 304 and not r2.content and r2.headers["etag"] == r.headers["etag"]
@@ -80,10 +49,10 @@ def test_pack_etag_and_304(client, anchor):
     assert_error(client.get("/v1/models/0123456789abcdef/pack"), 404, "unknown_model")
 
 
-def test_session_hologram_and_append(client, anchor):
+def test_session_hologram_and_append(client, tiny_anchor):
     body, auth = create(client)
     n = body["n_tokens"]
-    assert n == len(anchor.lm.chat_ids(USER))
+    assert n == len(tiny_anchor.lm.chat_ids(USER))
     assert body["hologram_url"] == f"/v1/sessions/{body['session_id']}/hologram"
 
     r = client.get(body["hologram_url"], headers=auth)
@@ -92,7 +61,7 @@ def test_session_hologram_and_append(client, anchor):
     assert (r.headers["x-hpi-start"], r.headers["x-hpi-end"]) == ("0", str(n - 1))
     holo = load_hologram(r.content)
     assert holo.kind == "conversation" and (holo.meta["start"], holo.meta["end"]) == (0, n - 1)
-    assert holo.meta["pack_hash"] == anchor.pack_hash
+    assert holo.meta["pack_hash"] == tiny_anchor.pack_hash
     r304 = client.get(body["hologram_url"], headers={**auth, "If-None-Match": r.headers["etag"]})
     assert r304.status_code == 304 and not r304.content
 
@@ -100,7 +69,7 @@ def test_session_hologram_and_append(client, anchor):
     cache_before = session.caches.anchor
     r = client.post(f"/v1/sessions/{body['session_id']}/messages", headers=auth, json={"messages": TURN})
     assert r.status_code == 200, r.text
-    n2 = len(anchor.lm.chat_ids(USER + TURN))
+    n2 = len(tiny_anchor.lm.chat_ids(USER + TURN))
     assert n2 > n
     assert (int(r.headers["x-hpi-start"]), int(r.headers["x-hpi-end"])) == (n - 1, n2 - 1)
     assert r.headers["etag"] == f'"{content_hash(r.content)}"'
@@ -117,7 +86,7 @@ def test_session_hologram_and_append(client, anchor):
     assert (full["start"], full["end"]) == (0, n2 - 1)
 
 
-def test_delta_without_fetching_starts_at_zero(client, anchor):
+def test_delta_without_fetching_starts_at_zero(client, tiny_anchor):
     body, auth = create(client)
     r = client.post(f"/v1/sessions/{body['session_id']}/messages", headers=auth, json={"messages": TURN})
     assert r.status_code == 200
@@ -190,8 +159,8 @@ def test_unknown_route_is_json_404(client):
     assert_error(client.put("/healthz"), 405, "method_not_allowed")
 
 
-def test_prompt_token_limit_413(make_client, anchor):
-    n = len(anchor.lm.chat_ids(USER))
+def test_prompt_token_limit_413(make_client, tiny_anchor):
+    n = len(tiny_anchor.lm.chat_ids(USER))
     client = make_client(max_prompt_tokens=n - 1)
     r = client.post("/v1/sessions", json={"messages": USER})
     assert_error(r, 413, "prompt_too_long")
@@ -202,7 +171,7 @@ def test_prompt_token_limit_413(make_client, anchor):
     body, auth = create(client)
     r = client.post(f"/v1/sessions/{body['session_id']}/messages", headers=auth, json={"messages": TURN})
     assert_error(r, 413, "prompt_too_long")
-    assert session_of(client, body).n_tokens == n and store(client).kv_bytes == n * anchor.kv_bytes_per_token()
+    assert session_of(client, body).n_tokens == n and store(client).kv_bytes == n * tiny_anchor.kv_bytes_per_token()
 
 
 def test_session_limit_503(make_client):
@@ -214,11 +183,11 @@ def test_session_limit_503(make_client):
     create(client)
 
 
-def test_kv_memory_limit_503(make_client, anchor):
-    n = len(anchor.lm.chat_ids(USER))
-    client = make_client(max_kv_bytes=(n + 3) * anchor.kv_bytes_per_token())
+def test_kv_memory_limit_503(make_client, tiny_anchor):
+    n = len(tiny_anchor.lm.chat_ids(USER))
+    client = make_client(max_kv_bytes=(n + 3) * tiny_anchor.kv_bytes_per_token())
     body, auth = create(client)
-    assert store(client).kv_bytes == n * anchor.kv_bytes_per_token()
+    assert store(client).kv_bytes == n * tiny_anchor.kv_bytes_per_token()
     assert_error(client.post("/v1/sessions", json={"messages": USER}), 503, "kv_memory_full")
     r = client.post(f"/v1/sessions/{body['session_id']}/messages", headers=auth, json={"messages": TURN})
     assert_error(r, 503, "kv_memory_full")

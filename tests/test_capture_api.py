@@ -2,48 +2,13 @@
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from protocol.holo import load_hologram
-from server.anchor import Anchor
-from server.app import create_app
 from server.capture import STATES, Dims, capture, select
-from server.config import Settings
+from tests.http_errors import assert_error
 
 TEXT = "The anchor keeps the exact KV cache; the page decodes from a hologram of it."
 USER = [{"role": "user", "content": "What does the anchor keep?"}]
-
-
-@pytest.fixture(scope="module")
-def anchor(tiny):
-    return Anchor(tiny)
-
-
-@pytest.fixture
-def make_client(anchor, tmp_path):
-    clients = []
-
-    def make(**settings) -> TestClient:
-        sessions = tmp_path / f"sessions-{len(clients)}"
-        client = TestClient(create_app(Settings(sessions_dir=str(sessions), **settings), anchor))
-        clients.append(client.__enter__())
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
-def assert_error(r, status, code):
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["code"] == code and error["message"]
-    return error
 
 
 def test_default_answer_is_aggregates_as_json(client, tiny):

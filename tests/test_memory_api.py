@@ -4,46 +4,12 @@ persistence across a restart, atomic saves, corrupted files, bad input, concurre
 import threading
 
 import pytest
-from fastapi.testclient import TestClient
 
-from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
 from server import durable
+from tests.http_errors import assert_error
 
 TEXT = ("The anchor keeps the exact KV cache. The page decodes from the hologram. "
         "The anchor verifies the drafted tokens in one forward pass. ") * 4
-
-
-@pytest.fixture(scope="module")
-def anchor(tiny):
-    return Anchor(tiny)
-
-
-@pytest.fixture
-def make_client(anchor, tmp_path):
-    clients = []
-
-    def make(**limits) -> TestClient:
-        settings = Settings(sessions_dir=str(tmp_path / f"sessions-{len(clients)}"),
-                            memories_dir=str(tmp_path / "memories"), **limits)
-        client = TestClient(create_app(settings, anchor)).__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
-def assert_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
 def create(client, name="notes", **kw):
