@@ -72,7 +72,11 @@ def test_pack_decodes_like_the_model(tiny):
     pos = torch.arange(len(ids))
     lp, _ = forward(packed, ids, pos)
     le, _ = forward(exact, ids, pos)
-    assert (lp.argmax(-1) == le.argmax(-1)).float().mean() > 0.9
-    assert float((lp - le).abs().max()) < 0.1 * float(le.abs().max())  # Q8_0: about 0.4% per weight
+    err = float((lp - le).abs().max())
+    assert err < 0.1 * float(le.abs().max())  # Q8_0: about 0.4% per weight
+    # Wherever the exact model's choice leads by more than twice the error, the pack chooses the same.
+    top2 = le.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert bool(clear.any()) and bool((lp.argmax(-1) == le.argmax(-1))[clear].all())
     b = basis_from_pack(holo)
     assert b.keys.pca.shape == (tiny.config.num_hidden_layers, tiny.config.num_key_value_heads, 16, 16)

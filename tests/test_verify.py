@@ -86,11 +86,12 @@ def test_verify_needs_a_prefilled_session(tiny):
 
 def test_an_agreed_end_of_turn_ends_the_confirmed_answer(anchor, tiny, monkeypatch):
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 5))
-    # Make the anchor's third token an end-of-turn token, as a real answer's last one is.
-    monkeypatch.setattr(type(tiny), "eos_token_ids", property(lambda self: [truth[2]]))
+    truth = list(completions.decode(tiny, prompt, 8))
+    # Make a later token of the anchor's an end-of-turn token, as a real answer's last one is.
+    end = next(i for i in range(1, len(truth)) if truth[i] not in truth[:i])
+    monkeypatch.setattr(type(tiny), "eos_token_ids", property(lambda self: [truth[end]]))
     caches = Caches()
     anchor.prefill(caches, prompt)
-    v = verify(tiny, caches, truth[:5])
-    assert (v.accepted, v.token, v.corrected) == (2, truth[2], False)
-    assert caches.ids[len(prompt):] == truth[:3]
+    v = verify(tiny, caches, truth)
+    assert (v.accepted, v.token, v.corrected) == (end, truth[end], False)
+    assert caches.ids[len(prompt):] == truth[:end + 1]
