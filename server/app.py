@@ -286,7 +286,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def token(creds: HTTPAuthorizationCredentials | None) -> str | None:
         return creds.credentials if creds else None
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def root():
         return RedirectResponse("/client/")
 

@@ -28,8 +28,8 @@ def session_of(client, body):
 
 def test_health_root_and_models(client, tiny_anchor):
     assert client.get("/healthz").json() == {"status": "ok"}
-    r = client.get("/", follow_redirects=False)
-    assert r.status_code in (302, 307) and r.headers["location"] == "/client/"
+    for r in client.get("/", follow_redirects=False), client.head("/", follow_redirects=False):
+        assert r.status_code in (302, 307) and r.headers["location"] == "/client/"
     (m,) = client.get("/v1/models").json()["models"]
     assert m["model_key"] == tiny_anchor.model_key and m["pack_hash"] == tiny_anchor.pack_hash
     assert m["anchor_model"] == m["resonator_model"] == tiny_anchor.lm.model_id
