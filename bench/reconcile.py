@@ -50,7 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.resonator import files_digest, git_rev, machine  # noqa: E402
+from bench import resonator as resonator_bench  # noqa: E402
+from bench.resonator import files_digest, git_rev, log, machine  # noqa: E402
 
 CODE_FILES = ("server/verify.py", "server/sessions.py", "server/anchor.py", "server/resonator.py",
               "protocol/frames.py", "server/spectral.py", "server/hologram.py")
@@ -88,10 +89,6 @@ PROMPTS: list[tuple[str, str]] = [
 SUMMARY_TOKENS = 384
 SUMMARY_ASK = "Summarise the following text in a few sentences.\n\n"
 BROWSER_DEFAULT = "q-sky,i-robot,s-pytest"  # a question, a story, a summary (longer hologram)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def build_prompts(lm, names: list[str] | None, count: int | None) -> list[dict]:
@@ -661,16 +658,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def emit(result: dict, args) -> None:
-    text = render(result)
-    print()
-    print(text)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(text + "\n")
-        log(f"wrote {args.md}")
-    if args.render:
-        plot(result, args.render)
-        log(f"wrote {args.render}")
+    resonator_bench.emit(result, args, render, plot)
 
 
 # ---- main -----------------------------------------------------------------------------------

@@ -641,8 +641,11 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def emit(result: dict, args) -> None:
-    text = render(result)
+def emit(result: dict, args, tables=None, figure=None) -> None:
+    """Print the tables; write them to `--md` and the plot to `--render` when asked.
+    Other benchmarks pass their own `tables` (result -> markdown) and `figure` (result, path)."""
+    tables, figure = tables or render, figure or plot
+    text = tables(result)
     print()
     print(text)
     if args.md:
@@ -650,7 +653,7 @@ def emit(result: dict, args) -> None:
         args.md.write_text(text + "\n")
         log(f"wrote {args.md}")
     if args.render:
-        plot(result, args.render)
+        figure(result, args.render)
         log(f"wrote {args.render}")
 
 
