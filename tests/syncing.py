@@ -1,10 +1,28 @@
-"""The page's side of the sync channel in tests: frames, the chain hash, and a drifting drafter."""
+"""The page's side of the sync channel in tests: an app client and a session, frames, the chain hash,
+and a drifting drafter."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
+from fastapi.testclient import TestClient
 
 from protocol import frames
+from server.anchor import Anchor
+from server.app import create_app
+from server.config import Settings
+
+
+def client_for(anchor: Anchor, sessions: Path) -> TestClient:
+    return TestClient(create_app(Settings(sessions_dir=str(sessions)), anchor))
+
+
+def create(client, messages: list[dict]) -> tuple[dict, dict]:
+    """A new session: its body and the authorization header of its token."""
+    r = client.post("/v1/sessions", json={"messages": messages})
+    assert r.status_code == 201, r.text
+    return r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
 
 
 def send(ws, **frame) -> dict:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from transformers import DynamicCache
 
 from protocol import frames
 from protocol.holo import load_hologram
 from server import completions, turns
 from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
 from server.models import load_model
-from tests.syncing import chain_of, send, sync_answer
+from tests.syncing import chain_of, client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 
 MESSAGES = [{"role": "user", "content": "Walk the trail and come back."}]
@@ -28,16 +24,6 @@ OTHER_FOLLOW_UP = [{"role": "user", "content": "Or back?"}]
 @pytest.fixture(scope="module")
 def anchor(tiny):
     return Anchor(tiny)
-
-
-def client_for(anchor: Anchor, sessions: Path) -> TestClient:
-    return TestClient(create_app(Settings(sessions_dir=str(sessions)), anchor))
-
-
-def create(client) -> tuple[dict, dict]:
-    r = client.post("/v1/sessions", json={"messages": MESSAGES})
-    assert r.status_code == 201, r.text
-    return r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
 
 
 def url(body: dict, what: str) -> str:
@@ -78,7 +64,7 @@ def test_after_a_backtrack_the_continuation_is_the_original_one(anchor, tiny, tm
     truth = list(completions.decode(tiny, prompt, 24, temperature, seed))
     mid = len(truth) // 2
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         start = checkpoint(client, body, auth, "start")
         assert start["position"] == len(prompt)
         done, position, chain = sync(client, body, len(prompt), frames.GENESIS, truth[:mid], None, temperature, seed)
@@ -112,7 +98,7 @@ def test_a_backtrack_over_a_turn_restores_the_turns_and_the_answer(anchor, tiny,
     prompt = tiny.chat_ids(MESSAGES)
     answer = list(completions.decode(tiny, prompt, 8))
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         sync(client, body, len(prompt), frames.GENESIS, answer)
         checkpoint(client, body, auth, "answered")
         r = client.post(url(body, "messages"), headers=auth, json={"messages": FOLLOW_UP})
@@ -140,7 +126,7 @@ def test_a_fork_continues_as_the_anchor_alone_and_never_sees_its_parent(anchor, 
     mid = len(truth) // 2
     prefix = prompt + truth[:mid]
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         done, position, chain = sync(client, body, len(prompt), frames.GENESIS, truth[:mid])
         checkpoint(client, body, auth, "fork here")
         if alternative == "token":
@@ -192,7 +178,7 @@ def test_forks_share_the_prefix_and_cannot_change_it(anchor, tiny, tmp_path):
     prompt = tiny.chat_ids(MESSAGES)
     truth = list(completions.decode(tiny, prompt, 12))
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         _, position, chain = sync(client, body, len(prompt), frames.GENESIS, truth)
         checkpoint(client, body, auth, "here")
         store = client.app.state.store
@@ -232,7 +218,7 @@ def test_the_hologram_of_a_fork_reuses_its_parents(anchor, tiny, tmp_path):
     prompt = tiny.chat_ids(MESSAGES)
     truth = list(completions.decode(tiny, prompt, 12))
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         _, position, chain = sync(client, body, len(prompt), frames.GENESIS, truth[:6])
         checkpoint(client, body, auth, "here")
         full = client.get(url(body, "hologram"), headers=auth)
@@ -255,8 +241,8 @@ def test_the_hologram_of_a_fork_reuses_its_parents(anchor, tiny, tmp_path):
 
 def test_bad_trail_requests(anchor, tiny, tmp_path):
     with client_for(anchor, tmp_path) as client:
-        a, a_auth = create(client)
-        b, b_auth = create(client)
+        a, a_auth = create(client, MESSAGES)
+        b, b_auth = create(client, MESSAGES)
         checkpoint(client, a, a_auth, "of-a")
 
         def error(r, status: int, code: str) -> None:
@@ -290,7 +276,7 @@ def test_a_backtrack_waits_for_the_session_and_a_draft_after_it_is_stale(anchor,
     prompt = tiny.chat_ids(MESSAGES)
     truth = list(completions.decode(tiny, prompt, 12))
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         checkpoint(client, body, auth, "start")
         with client.websocket_connect(url(body, "sync")) as ws:
             send(ws, type="hello", token=body["token"], position=len(prompt), chain=frames.GENESIS)
@@ -317,7 +303,7 @@ def test_checkpoints_and_forks_survive_a_restart(anchor, tiny, tmp_path):
     truth = list(completions.decode(tiny, prompt, 16))
     mid = len(truth) // 2
     with client_for(anchor, tmp_path) as before:
-        body, auth = create(before)
+        body, auth = create(before, MESSAGES)
         done, position, chain = sync(before, body, len(prompt), frames.GENESIS, truth[:mid])
         listed = [checkpoint(before, body, auth, "mid")]
         sync(before, body, position, chain, truth, done)
@@ -341,7 +327,7 @@ def test_a_fork_shares_a_separate_resonator_cache_too(tiny, tmp_path_factory, tm
     prompt = tiny.chat_ids(MESSAGES)
     truth = list(completions.decode(tiny, prompt, 12))
     with client_for(Anchor(tiny, other), tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         _, position, chain = sync(client, body, len(prompt), frames.GENESIS, truth[:6])
         checkpoint(client, body, auth, "here")
         client.get(url(body, "hologram"), headers=auth)  # the resonator cache catches up with the answer

@@ -3,21 +3,17 @@ and the next answer is again exactly the anchor's."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from transformers import DynamicCache
 
 from protocol import frames
 from protocol.holo import load_hologram
 from server import completions, turns
 from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
 from server.models import load_model
-from tests.syncing import send, sync_answer
+from tests.syncing import client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 
 MESSAGES = [{"role": "user", "content": "Tell me about the reconciliation channel."}]
@@ -28,16 +24,6 @@ FOLLOW_UP = [{"role": "user", "content": "And after a restart?"}]
 def other(tmp_path_factory):
     """A second tiny model: the same tokenizer, other weights."""
     return load_model(str(build_tiny_llama(tmp_path_factory.mktemp("other") / "llama", seed=1)), device="cpu")
-
-
-def client_for(anchor: Anchor, sessions: Path) -> TestClient:
-    return TestClient(create_app(Settings(sessions_dir=str(sessions)), anchor))
-
-
-def create(client) -> tuple[dict, dict]:
-    r = client.post("/v1/sessions", json={"messages": MESSAGES})
-    assert r.status_code == 201, r.text
-    return r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
 
 
 def synced_turn(client, body: dict, position: int, truth: list[int], temperature: float, seed: int) -> list[int]:
@@ -54,7 +40,7 @@ def synced_turn(client, body: dict, position: int, truth: list[int], temperature
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 5)])
 def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, tmp_path, temperature, seed):
     with client_for(Anchor(tiny), tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         prompt = tiny.chat_ids(MESSAGES)
         first = client.get(body["hologram_url"], headers=auth)
         assert first.headers["x-hpi-end"] == str(len(prompt) - 1)
@@ -88,7 +74,7 @@ def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, tmp_path, temp
 
 def test_an_assistant_message_after_a_synced_answer_is_refused(tiny, tmp_path):
     with client_for(Anchor(tiny), tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         prompt = tiny.chat_ids(MESSAGES)
         synced_turn(client, body, len(prompt), list(completions.decode(tiny, prompt, 4)), 0.0, 0)
         url = f"/v1/sessions/{body['session_id']}/messages"
@@ -101,7 +87,7 @@ def test_an_assistant_message_after_a_synced_answer_is_refused(tiny, tmp_path):
 def test_a_separate_resonator_cache_catches_up_with_the_verified_tokens(tiny, other, tmp_path):
     anchor = Anchor(tiny, other)
     with client_for(anchor, tmp_path) as client:
-        body, auth = create(client)
+        body, auth = create(client, MESSAGES)
         prompt = tiny.chat_ids(MESSAGES)
         truth = list(completions.decode(tiny, prompt, 12))
         answer = synced_turn(client, body, len(prompt), truth, 0.0, 0)
