@@ -32,6 +32,7 @@ from server.config import Settings
 from server.memory.api import memory_router
 from server.metrics import METRICS
 from server.models import load_model
+from server.owners import OwnerError
 from server.sessions import Segment, Session, SessionError, SessionStore
 from server.transcripts import CHECKPOINT_NAME
 
@@ -256,11 +257,17 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.include_router(capture_router(settings))
-    app.include_router(memory_router(settings))
+    owners = settings.owners()
+    app.include_router(capture_router(settings, owners))
+    app.include_router(memory_router(settings, owners))
 
     @app.exception_handler(SessionError)
     async def _session_error(request: Request, exc: SessionError):
+        headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, str(exc), headers)
+
+    @app.exception_handler(OwnerError)
+    async def _owner_error(request: Request, exc: OwnerError):
         headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if exc.status == 401 else None
         return error_response(exc.status, exc.code, str(exc), headers)
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
                             select)
 from server.config import Settings
+from server.owners import Owners
 from server.hyperbolic import StateStore, StoreError
 from server.metrics import METRICS
 from server.models import LoadedModel
@@ -63,7 +64,7 @@ class TooLarge(CaptureError):
         self.extra = {"estimate_bytes": estimate, "limit_bytes": limit}
 
 
-def capture_router(settings: Settings) -> APIRouter:
+def capture_router(settings: Settings, owners: Owners) -> APIRouter:
     api = APIRouter(route_class=_ErrorsAsJSON, tags=["capture"])
     bearer = HTTPBearer(auto_error=False, description="the session token, when capturing a session")
     Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.owners import Owners
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HPI_", protected_namespaces=())
@@ -41,6 +43,8 @@ class Settings(BaseSettings):
     memories_dir: str = Field("", description="holographic memories (.holo files); empty: <data_dir>/memories")
     max_memories: int = Field(64, ge=1)
     max_learn_tokens: int = Field(100_000, ge=1, description="tokens one learn call may add to a memory")
+    owner_key: str = Field("", description="hex key that signs owner tokens; empty: <data_dir>/owner.key, "
+                                           "created on first start")
 
     def anchor_options(self) -> dict:
         """Keyword arguments for server.anchor.Anchor."""
@@ -49,6 +53,10 @@ class Settings(BaseSettings):
 
     def sessions_path(self) -> Path:
         return Path(self.sessions_dir or Path(self.data_dir) / "sessions").expanduser()
+
+    def owners(self) -> Owners:
+        """The signer of owner tokens (server/owners.py)."""
+        return Owners.at(Path(self.data_dir) / "owner.key", self.owner_key)
 
     def memories_path(self) -> Path:
         return Path(self.memories_dir or Path(self.data_dir) / "memories").expanduser()

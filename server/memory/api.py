@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.config import Settings
+from server.owners import Owners
 from server.memory.dreaming import dream
 from server.memory.registry import MemoryServiceError, Registry
 from server.memory.store import PATHS, Config, Memory
@@ -79,7 +80,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def memory_router(settings: Settings) -> APIRouter:
+def memory_router(settings: Settings, owners: Owners) -> APIRouter:
     registry = Registry(settings.memories_path(), settings.max_memories)
     router = APIRouter(prefix="/v1/memories", tags=["memories"])
 
