@@ -10,13 +10,26 @@ A capture runs over one context: `text` (tokenized as the tokenizer does by defa
 `messages` (the chat template with the generation prompt), or `session_id` with the session's
 bearer token: the session's tokens so far, prompt, turns and confirmed generated tokens alike.
 The answer's size is estimated before the forward pass; over the `capture_max_bytes` setting
-it is refused with 413 and the estimate. Captures run one at a time, so that limit and
-`capture_max_tokens` bound their memory. Collections are shared by every client of the anchor.
+it is refused with 413 and the estimate.
+
+Captures are admitted by their estimated bytes: several run at once (at most CAPTURES_AT_ONCE)
+while their estimates add up to at most `capture_max_bytes`, so a small capture runs beside a
+large one instead of queueing behind it, and memory stays bounded by one maximum-size capture.
+One that cannot start within ADMIT_WAIT_S is refused with 503 `capture_busy` and `Retry-After`
+rather than waiting without bound.
+
+A collection belongs to the bearer of the token it was created with and is invisible to
+everyone else (server/owners.py): an owner token (a store without a bearer token gets a new
+one in its answer, `owner_token`, that once), or, for a store of a session's states, that
+session's token. Every store, search, listing and deletion needs that token; another owner's
+collection is answered exactly like a missing one.
 Errors are `{"error": {"code", "message"}}` like every other route.
 """
 
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import numpy as np
@@ -29,20 +42,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
                             select)
 from server.config import Settings
-from server.owners import Owners
 from server.hyperbolic import StateStore, StoreError
 from server.metrics import METRICS
 from server.models import LoadedModel
+from server.owners import PREFIX, OwnerError, Owners, owner_id
 from server.sessions import SessionStore
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
 # States a vector per token can be read from: a token axis first (pattern-like states are not).
 VECTOR_STATES = tuple(n for n, s in STATES.items() if s.axes[0] == "t")
+# Each capture's forward already spreads over torch's threads: a few at once keep the cores
+# busy between a large capture's steps; more would only interleave.
+CAPTURES_AT_ONCE = 2
+ADMIT_WAIT_S = 2.0
 
 
 class _ErrorsAsJSON(APIRoute):
-    """Answers CaptureError and StoreError with their status and `{"error": {...}}` (the app's
-    handlers do not know them, and a router cannot register handlers of its own)."""
+    """Answers CaptureError, StoreError and OwnerError with their status and `{"error": {...}}`
+    (a router cannot register handlers of its own, and it may serve in an app whose handlers
+    do not know them)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -50,9 +68,12 @@ class _ErrorsAsJSON(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (CaptureError, StoreError) as e:
+            except (CaptureError, StoreError, OwnerError) as e:
                 error = {"code": e.code, "message": str(e), **getattr(e, "extra", {})}
-                return JSONResponse({"error": error}, status_code=e.status)
+                headers = dict(getattr(e, "headers", {}))
+                if e.status == 401:
+                    headers["WWW-Authenticate"] = 'Bearer realm="hpi"'
+                return JSONResponse({"error": error}, status_code=e.status, headers=headers)
 
         return route
 
@@ -64,11 +85,46 @@ class TooLarge(CaptureError):
         self.extra = {"estimate_bytes": estimate, "limit_bytes": limit}
 
 
+class Busy(CaptureError):
+    def __init__(self, need: int, held: int, budget: int, retry_s: int):
+        super().__init__(503, "capture_busy", f"captures holding {held} of {budget} estimated bytes are running; "
+                                              f"this one needs {need}: retry in {retry_s} s")
+        self.headers = {"Retry-After": str(retry_s)}
+
+
+class Admission:
+    """Captures running at once: at most `slots` of them, their estimated bytes summing to at
+    most `budget`. Waiting is bounded: a capture not admitted within `wait_s` gets 503."""
+
+    def __init__(self, budget: int, slots: int, wait_s: float):
+        self.budget, self.slots, self.wait_s = budget, slots, wait_s
+        self.held = 0  # estimated bytes of the running captures
+        self.running = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def admit(self, need: int) -> Iterator[None]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.running < self.slots and self.held + need <= self.budget,
+                                       self.wait_s):
+                raise Busy(need, self.held, self.budget, max(1, math.ceil(self.wait_s)))
+            self.held += need
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= need
+                self.running -= 1
+                self._cond.notify_all()
+
+
 def capture_router(settings: Settings, owners: Owners) -> APIRouter:
     api = APIRouter(route_class=_ErrorsAsJSON, tags=["capture"])
-    bearer = HTTPBearer(auto_error=False, description="the session token, when capturing a session")
+    bearer = HTTPBearer(auto_error=False, description="a session's token (to capture that session, or to reach "
+                                                      "collections stored from it) or an owner token")
     Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    one_capture = threading.Lock()
+    admission = Admission(settings.capture_max_bytes, CAPTURES_AT_ONCE, ADMIT_WAIT_S)
     store = StateStore(settings.capture_store_bytes)
 
     class Message(BaseModel):
@@ -153,7 +209,7 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
         need = estimate_bytes(dims, sel, fmt)
         if need > settings.capture_max_bytes:
             raise TooLarge(need, settings.capture_max_bytes)
-        with one_capture:
+        with admission.admit(need):
             cap = capture(lm, ids, sel)
         METRICS.add("hpi_forward_passes_total")
         return cap, need
@@ -186,10 +242,8 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
         return {"state": body.state, "layer": body.layer if block else None, "heads": heads if per_head else None,
                 "pool": body.pool}
 
-    def vectors(request: Request, body: Context, creds, spec: dict) -> tuple[np.ndarray, list[dict]]:
-        """The state vectors of a context under a collection's spec, [n, D], and what each one is."""
-        lm = lm_of(request)
-        ids = context_ids(request, body, creds)
+    def vectors(lm: LoadedModel, ids: list[int], body: Context, spec: dict) -> tuple[np.ndarray, list[dict]]:
+        """The state vectors of a context's ids under a collection's spec, [n, D], and what each one is."""
         layer = spec["layer"]
         cap, _ = run(lm, ids, "holo", layers=None if layer is None else [layer], heads=spec["heads"],
                      states=[spec["state"]], start=body.start, end=body.end)
@@ -200,14 +254,39 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
             return u.mean(0, keepdims=True), [{"range": [cap.sel.start, cap.sel.end]}]
         return u, [{"position": p, "token": ids[p]} for p in positions]
 
+    def owner_of(creds: HTTPAuthorizationCredentials | None) -> str:
+        """The owner whose collections a bearer token reaches. An owner token must be one this
+        anchor issued (401 without a token, 403 otherwise). Any other token is taken as a
+        session's: its owner id is the token's hash, which only the token's holder can name,
+        and only a store that checked the token against its session creates collections under it."""
+        token = creds.credentials if creds else None
+        if token is None or token.startswith(PREFIX):
+            return owners.check(token)
+        return owner_id(token)
+
     @api.post("/v1/capture/store")
     def store_states(body: StoreBody, request: Request, creds: Credentials):
         """Add a context's state vectors (one per token, or their mean) to a collection in the Poincaré ball."""
-        spec = spec_of(body, lm_of(request))
-        u, entries = vectors(request, body, creds, spec)
-        col, ids = store.add(body.collection, u, [{"label": body.label, **e} for e in entries], spec,
-                             body.curvature, body.scale, body.center)
-        return {"collection": col.name, "added": len(ids), "ids": ids, **describe(col)}
+        lm = lm_of(request)
+        spec = spec_of(body, lm)
+        issued = None
+        if body.session_id is not None:
+            ids = context_ids(request, body, creds)  # the token is checked against the session here
+            owner, create = owner_id(creds.credentials), True
+        elif creds is None:
+            issued = owners.issue()
+            owner, create = owner_id(issued), True
+            ids = context_ids(request, body, creds)
+        else:  # an owner token, checked by owner_of; any other token may only add to what it owns
+            owner, create = owner_of(creds), creds.credentials.startswith(PREFIX)
+            ids = context_ids(request, body, creds)
+        u, entries = vectors(lm, ids, body, spec)
+        col, vector_ids = store.add(body.collection, u, [{"label": body.label, **e} for e in entries], spec,
+                                    body.curvature, body.scale, body.center, owner=owner, create=create)
+        out = {"collection": col.name, "added": len(vector_ids), "ids": vector_ids, **describe(col)}
+        if issued:
+            out["owner_token"] = issued
+        return out
 
     def describe(col) -> dict:
         return {"size": len(col.entries), "dim": col.dim, "curvature": col.curvature, "scale": col.scale,
@@ -216,26 +295,33 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
     @api.post("/v1/capture/search")
     def search_states(body: SearchBody, request: Request, creds: Credentials):
         """The k stored states nearest to a query vector, or to each state vector of a context."""
-        col = store.get(body.collection)
-        if body.vector is not None:
+        if body.session_id is not None:
+            ids = context_ids(request, body, creds)  # the token is checked against the session here
+            owner = owner_id(creds.credentials)
+        else:
+            owner = owner_of(creds)
+            ids = None if body.vector is not None else context_ids(request, body, creds)
+        col = store.get(body.collection, owner=owner)
+        if ids is None:
             u, queries = np.asarray([body.vector], dtype=np.float64), [{}]
         else:
-            u, queries = vectors(request, body, creds, col.spec)
-        col, idx, dist = store.search(body.collection, u, body.k, body.metric)
+            u, queries = vectors(lm_of(request), ids, body, col.spec)
+        col, idx, dist = store.search(body.collection, u, body.k, body.metric, owner=owner)
         return {"collection": col.name, "metric": body.metric, "curvature": col.curvature,
                 "results": [{"query": q, "neighbours": [{**col.entries[i], "distance": float(d)}
                                                         for i, d in zip(row_i, row_d)]}
                             for q, row_i, row_d in zip(queries, idx, dist)]}
 
     @api.get("/v1/capture/collections")
-    def collections():
-        cols = store.collections()
-        return {"bytes": sum(c.nbytes for c in cols), "limit_bytes": store.max_bytes,
+    def collections(creds: Credentials):
+        """The caller's collections; `limit_bytes` is what one owner may hold."""
+        cols = store.collections(owner=owner_of(creds))
+        return {"bytes": sum(c.nbytes for c in cols), "limit_bytes": store.owner_max_bytes,
                 "collections": [{"name": c.name, **describe(c)} for c in cols]}
 
     @api.delete("/v1/capture/collections/{name}", status_code=204, response_class=Response)
-    def delete_collection(name: str):
-        store.delete(name)
+    def delete_collection(name: str, creds: Credentials):
+        store.delete(name, owner=owner_of(creds))
         return Response(status_code=204)
 
     return api

@@ -23,6 +23,16 @@ e^R θ^2, so angles are taken from unit-vector differences, not from dot product
 through sqrt(c) s (a larger curvature acts as a larger scale); c alone scales the distances.
 Euclidean (|v - w|) and cosine (1 - cos θ) distances over the same vectors are there to
 compare against.
+
+Every number the store answers with is finite: |v| is held to at most MAX_NORM (a vector, or
+a scale, that would put a point further out is refused with 422), which keeps R finite for
+any finite curvature and bounds every distance (d(x, y) <= d(0, x) + d(0, y) = 2|v| + 2|w|,
+and |v - w| <= |v| + |w|) far below float64's largest number.
+
+Collections belong to an owner (an owner id, server/owners.py) and are keyed by (owner, name):
+owners never see, reach or collide with each other's collections, and a collection of another
+owner is answered exactly like a missing one. The store holds at most `max_bytes` of vectors,
+and one owner at most 1/OWNER_SHARE of that, so no single owner can fill it for everyone.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ CHUNK = 8192  # stored vectors compared per step: bounds the temporaries of a se
 QUERY_CHUNK = 64  # queries whose candidates are re-ranked together
 REFINE = 32  # candidates beyond k re-ranked with exact angles
 LOG2 = math.log(2.0)
+MAX_NORM = 1e150  # largest |v| = s |u - mu| kept or searched for: squares and sums of norms stay finite
+OWNER_SHARE = 4  # one owner holds at most 1/OWNER_SHARE of the store's bytes
 
 
 class StoreError(ValueError):
@@ -117,10 +129,17 @@ class Collection:
     def nbytes(self) -> int:
         return self.directions.nbytes + self.norms.nbytes
 
-    def tangent(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Directions [N, D] (float64) and norms [N] of v = s (u - mu) for state vectors u [N, D]."""
-        v = (u.astype(np.float64) - self.center) * self.scale
-        return _unit_rows(v), np.linalg.norm(v, axis=1)
+    def tangent(self, u: np.ndarray, code: str = "bad_vectors") -> tuple[np.ndarray, np.ndarray]:
+        """Directions [N, D] (float64) and norms [N] of v = s (u - mu) for state vectors u [N, D];
+        422 `code` when some |v| is beyond MAX_NORM (or overflows)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = (u.astype(np.float64) - self.center) * self.scale
+            norms = np.linalg.norm(v, axis=1)
+        if not (norms <= MAX_NORM).all():  # also false for nan
+            raise StoreError(422, code, f"at scale {self.scale:g} a vector maps to |v| = s |u - mu| = "
+                                        f"{np.max(norms):g}; the store takes |v| up to {MAX_NORM:g}, so that "
+                                        "every distance is a finite number")
+        return _unit_rows(v), norms
 
     def radii(self) -> np.ndarray:
         """Each point's Euclidean distance from the ball's centre, below 1 / sqrt(c)."""
@@ -167,23 +186,31 @@ class Collection:
 
 
 class StateStore:
-    """Named collections in memory, bounded in bytes; safe to use from several threads."""
+    """Collections in memory keyed by (owner, name), bounded in bytes in all and per owner; safe
+    to use from several threads. `owner` is an owner id (server/owners.py); the default "" serves
+    a store with a single in-process user (bench/capture.py)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._collections: dict[str, Collection] = {}
+        self.owner_max_bytes = max_bytes // OWNER_SHARE
+        self._collections: dict[tuple[str, str], Collection] = {}
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._collections.values())
 
+    def owner_nbytes(self, owner: str) -> int:
+        return sum(c.nbytes for (o, _), c in self._collections.items() if o == owner)
+
     def add(self, name: str, u: np.ndarray, entries: list[dict], spec: dict, curvature: float | None = None,
-            scale: float | None = None, center: bool | None = None) -> tuple[Collection, list[int]]:
-        """Add state vectors u [N, D] with one metadata entry each; return the collection and the
-        vectors' ids (positions in it, also put in their entries as "id"). The first batch creates
-        the collection with `curvature` (default -1), `scale` (default: 1 / median |u - mu|) and
-        `center` (default False); later batches must match its spec, dimension and any of those given."""
+            scale: float | None = None, center: bool | None = None, *, owner: str = "",
+            create: bool = True) -> tuple[Collection, list[int]]:
+        """Add state vectors u [N, D] with one metadata entry each to the owner's collection `name`;
+        return the collection and the vectors' ids (positions in it, also put in their entries as
+        "id"). The first batch creates the collection (unless `create` is false: 403) with
+        `curvature` (default -1), `scale` (default: 1 / median |u - mu|) and `center` (default
+        False); later batches must match its spec, dimension and any of those given."""
         if not NAME.fullmatch(name):
             raise StoreError(422, "bad_collection", f"collection names are 1-64 of A-Z a-z 0-9 _ . -, not {name!r}")
         if u.ndim != 2 or len(u) == 0 or len(u) != len(entries):
@@ -193,33 +220,56 @@ class StateStore:
         if curvature is not None and not (curvature < 0 and math.isfinite(curvature)):
             raise StoreError(422, "bad_curvature", f"the curvature must be negative and finite, not {curvature}")
         with self._lock:
-            col = self._collections.get(name)
-            if col is None:
+            col = self._collections.get((owner, name))
+            new = col is None
+            if new:
+                if not create:
+                    raise StoreError(403, "forbidden", f"no collection {name!r} of this token's, and this token "
+                                                       "cannot create one: a new collection needs an owner token, "
+                                                       "or its session's token with the session as context")
                 col = self._create(name, u, spec, -1.0 if curvature is None else curvature, scale, bool(center))
             else:
                 self._check_matches(col, u, spec, curvature, scale, center)
             added = u.shape[0] * (u.shape[1] + 1) * 8  # a direction and a norm, float64
-            if self.nbytes + added > self.max_bytes:
-                raise StoreError(503, "store_full", f"adding {len(u)} vectors needs {added} bytes; the store "
-                                                    f"holds {self.nbytes} of its {self.max_bytes}; delete "
-                                                    "collections first")
-            directions, norms = col.tangent(u)
+            self._check_room(owner, col, added)
+            directions, norms = col.tangent(u, "bad_scale" if new and scale is not None else "bad_vectors")
             ids = list(range(len(col.entries), len(col.entries) + len(u)))
             col.directions = np.concatenate([col.directions, directions])
             col.norms = np.concatenate([col.norms, norms])
             col.entries.extend({**e, "id": i} for i, e in zip(ids, entries))
-            self._collections[name] = col
+            self._collections[owner, name] = col
             return col, ids
+
+    def _check_room(self, owner: str, col: Collection, added: int) -> None:
+        """Refuse a batch of `added` bytes over the owner's share (413) or the store's room (503)."""
+        share = self.owner_max_bytes
+        if col.nbytes + added > share:
+            raise StoreError(413, "collection_too_large", f"collection {col.name!r} would hold {col.nbytes + added} "
+                                                          f"bytes; one owner holds at most {share} "
+                                                          f"(1/{OWNER_SHARE} of the store)")
+        held = self.owner_nbytes(owner)
+        if held + added > share:
+            raise StoreError(413, "store_full", f"adding these vectors needs {added} bytes; this owner's "
+                                                f"collections hold {held} of the {share} one owner may hold; "
+                                                "delete collections first")
+        if self.nbytes + added > self.max_bytes:
+            raise StoreError(503, "store_full", f"adding these vectors needs {added} bytes, more than is left of "
+                                                f"the store's {self.max_bytes}; try again later")
 
     @staticmethod
     def _create(name: str, u: np.ndarray, spec: dict, curvature: float, scale: float | None,
                 center: bool) -> Collection:
         if center and len(u) < 2:
             raise StoreError(422, "bad_vectors", "centring takes the mean of the first batch: give at least 2 vectors")
-        mu = u.mean(0) if center else np.zeros(u.shape[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu = u.mean(0) if center else np.zeros(u.shape[1])
         if scale is None:
-            median = float(np.median(np.linalg.norm(u.astype(np.float64) - mu, axis=1)))
+            with np.errstate(over="ignore", invalid="ignore"):
+                median = float(np.median(np.linalg.norm(u.astype(np.float64) - mu, axis=1)))
             scale = 1.0 / median if median > 0 else 1.0
+            if not (0 < scale < math.inf):
+                raise StoreError(422, "bad_vectors", f"the first batch's median |u - mu| is {median:g}, which gives no "
+                                                     "usable default scale: give a scale")
         elif not (scale > 0 and math.isfinite(scale)):
             raise StoreError(422, "bad_scale", f"the scale must be positive and finite, not {scale}")
         return Collection(name, curvature, scale, center, mu.astype(np.float64), dict(spec),
@@ -239,33 +289,35 @@ class StateStore:
                 raise StoreError(409, "collection_mismatch", f"collection {col.name!r} has {what} {old}, not {new}; "
                                                              "it is fixed when the collection is created")
 
-    def _get(self, name: str) -> Collection:
-        col = self._collections.get(name)
+    def _get(self, owner: str, name: str) -> Collection:
+        col = self._collections.get((owner, name))
         if col is None:
-            raise StoreError(404, "unknown_collection", f"no collection {name!r}; collections: "
-                                                        f"{', '.join(self._collections) or 'none'}")
+            # Another owner's collection of that name is as missing as one that does not exist.
+            own = [n for o, n in self._collections if o == owner]
+            raise StoreError(404, "unknown_collection", f"no collection {name!r}; yours: {', '.join(own) or 'none'}")
         return col
 
-    def get(self, name: str) -> Collection:
+    def get(self, name: str, *, owner: str = "") -> Collection:
         with self._lock:
-            return self._get(name)
+            return self._get(owner, name)
 
-    def search(self, name: str, u: np.ndarray, k: int, metric: str = "hyperbolic") -> tuple[Collection, np.ndarray, np.ndarray]:
+    def search(self, name: str, u: np.ndarray, k: int, metric: str = "hyperbolic", *,
+               owner: str = "") -> tuple[Collection, np.ndarray, np.ndarray]:
         if metric not in METRICS:
             raise StoreError(422, "bad_metric", f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
         with self._lock:
-            col = self._get(name)
+            col = self._get(owner, name)
             if u.ndim != 2 or u.shape[1] != col.dim or not np.isfinite(u).all():
                 raise StoreError(422, "bad_vectors", f"collection {name!r} holds {col.dim}-d vectors; the query is "
                                                      f"{u.shape[-1] if u.ndim else 0}-d or not finite")
             idx, dist = col.search(u, k, metric)
             return col, idx, dist
 
-    def collections(self) -> list[Collection]:
+    def collections(self, *, owner: str = "") -> list[Collection]:
         with self._lock:
-            return list(self._collections.values())
+            return [c for (o, _), c in self._collections.items() if o == owner]
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, owner: str = "") -> None:
         with self._lock:
-            if self._collections.pop(name, None) is None:
-                raise StoreError(404, "unknown_collection", f"no collection {name!r}")
+            self._get(owner, name)
+            del self._collections[owner, name]

@@ -1,10 +1,18 @@
 """POST /v1/capture and the hyperbolic store routes, on the tiny model."""
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 from protocol.holo import load_hologram
-from server.capture import STATES, Dims, capture, select
+from server import capture_api
+from server.capture import STATES, Dims, capture, estimate_bytes, select
+from server.capture_api import Admission, Busy
+from server.config import Settings
+from server.hyperbolic import OWNER_SHARE
 from tests.http_errors import assert_error
 
 TEXT = "The anchor keeps the exact KV cache; the page decodes from a hologram of it."
@@ -94,18 +102,26 @@ def test_oversized_selections_are_refused_with_the_estimate(make_client, tiny):
     assert_error(client.post("/v1/capture", json={"text": TEXT * 3}), 413, "prompt_too_long")
 
 
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def test_store_and_search_states(client, tiny):
     texts = {"a": "anchor keeps the exact KV cache.", "b": "page decodes tokens on the GPU."}
-    for label, text in texts.items():
-        r = client.post("/v1/capture/store", json={"collection": "runs", "text": text, "layer": 1,
-                                                   "pool": "token", "label": label})
-        assert r.status_code == 200, r.text
+    first = client.post("/v1/capture/store", json={"collection": "runs", "text": texts["a"], "layer": 1,
+                                                   "pool": "token", "label": "a"})
+    assert first.status_code == 200, first.text
+    auth = bearer(first.json()["owner_token"])  # issued to a store without a token, that once
+    r = client.post("/v1/capture/store", json={"collection": "runs", "text": texts["b"], "layer": 1,
+                                               "pool": "token", "label": "b"}, headers=auth)
+    assert r.status_code == 200, r.text
     body = r.json()
+    assert "owner_token" not in body
     n_a = len(tiny.tokenizer(texts["a"])["input_ids"])
     assert body["ids"][0] == n_a and body["size"] == n_a + body["added"] and body["curvature"] == -1.0
     assert body["spec"] == {"state": "hook_resid_post", "layer": 1, "heads": None, "pool": "token"}
     # a stored text's own states come back first, at distance 0
-    r = client.post("/v1/capture/search", json={"collection": "runs", "text": texts["b"], "k": 3})
+    r = client.post("/v1/capture/search", json={"collection": "runs", "text": texts["b"], "k": 3}, headers=auth)
     results = r.json()["results"]
     assert len(results) == body["added"]
     for q in results:
@@ -113,31 +129,107 @@ def test_store_and_search_states(client, tiny):
         assert (first["label"], first["position"]) == ("b", q["query"]["position"]) and first["distance"] < 1e-6
     vector = np.zeros(tiny.config.hidden_size).tolist()
     for metric in ("hyperbolic", "euclidean", "cosine"):
-        r = client.post("/v1/capture/search", json={"collection": "runs", "vector": vector, "k": 2, "metric": metric})
+        r = client.post("/v1/capture/search", json={"collection": "runs", "vector": vector, "k": 2, "metric": metric},
+                        headers=auth)
         assert r.status_code == 200 and len(r.json()["results"][0]["neighbours"]) == 2
-    listed = client.get("/v1/capture/collections").json()
+    listed = client.get("/v1/capture/collections", headers=auth).json()
     assert [c["name"] for c in listed["collections"]] == ["runs"] and listed["bytes"] > 0
-    assert_error(client.post("/v1/capture/store", json={"collection": "runs", "text": TEXT, "layer": 0}),
-                 409, "collection_mismatch")
+    assert listed["limit_bytes"] == Settings().capture_store_bytes // OWNER_SHARE  # one owner's share
+    assert_error(client.post("/v1/capture/store", json={"collection": "runs", "text": TEXT, "layer": 0},
+                             headers=auth), 409, "collection_mismatch")
     assert_error(client.post("/v1/capture/store", json={"collection": "x", "text": TEXT}), 422, "unknown_layers")
     assert_error(client.post("/v1/capture/store", json={"collection": "x", "text": TEXT, "state": "attn.hook_pattern",
                                                         "layer": 0}), 422, "unknown_states")
-    assert_error(client.post("/v1/capture/search", json={"collection": "runs", "vector": [1.0]}), 422, "bad_vectors")
-    assert_error(client.post("/v1/capture/search", json={"collection": "nope", "text": TEXT}), 404,
+    assert_error(client.post("/v1/capture/search", json={"collection": "runs", "vector": [1.0]}, headers=auth),
+                 422, "bad_vectors")
+    assert_error(client.post("/v1/capture/search", json={"collection": "nope", "text": TEXT}, headers=auth), 404,
                  "unknown_collection")
-    assert_error(client.post("/v1/capture/search", json={"collection": "runs"}), 422, "invalid_request")
-    assert client.delete("/v1/capture/collections/runs").status_code == 204
-    assert_error(client.delete("/v1/capture/collections/runs"), 404, "unknown_collection")
+    assert_error(client.post("/v1/capture/search", json={"collection": "runs"}, headers=auth), 422, "invalid_request")
+    assert client.delete("/v1/capture/collections/runs", headers=auth).status_code == 204
+    assert_error(client.delete("/v1/capture/collections/runs", headers=auth), 404, "unknown_collection")
 
 
 def test_store_of_mean_states_per_text_with_its_own_curvature(client):
+    auth = {}
     for i, text in enumerate([TEXT, "Another text entirely.", "And a third one here."]):
         r = client.post("/v1/capture/store", json={"collection": "texts", "text": text, "layer": 0, "start": 1,
-                                                   "curvature": -0.5, "center": False, "label": str(i)})
+                                                   "curvature": -0.5, "center": False, "label": str(i)}, headers=auth)
         assert r.status_code == 200, r.text
+        auth = auth or bearer(r.json()["owner_token"])
     assert r.json()["size"] == 3 and r.json()["curvature"] == -0.5
-    hits = client.post("/v1/capture/search", json={"collection": "texts", "text": TEXT, "start": 1}).json()
+    hits = client.post("/v1/capture/search", json={"collection": "texts", "text": TEXT, "start": 1},
+                       headers=auth).json()
     (result,) = hits["results"]
     assert result["neighbours"][0]["label"] == "0" and result["neighbours"][0]["distance"] < 1e-6
     assert_error(client.post("/v1/capture/store", json={"collection": "texts", "text": TEXT, "layer": 0,
-                                                        "curvature": -1.0}), 409, "collection_mismatch")
+                                                        "curvature": -1.0}, headers=auth), 409, "collection_mismatch")
+
+
+def test_numbers_that_would_not_be_finite_are_refused_with_422(client, tiny):
+    """JSON has no inf or nan: a scale or a query that would put them in an answer is a bad request."""
+    store = {"collection": "far", "text": TEXT, "layer": 1, "pool": "token"}
+    assert_error(client.post("/v1/capture/store", json={**store, "scale": 1e308}), 422, "bad_scale")
+    r = client.post("/v1/capture/store", json=store)
+    assert r.status_code == 200, r.text
+    auth = bearer(r.json()["owner_token"])
+    for value in (1e308, 1e200):
+        for metric in ("hyperbolic", "euclidean", "cosine"):
+            query = {"collection": "far", "vector": [value] * tiny.config.hidden_size, "metric": metric}
+            assert_error(client.post("/v1/capture/search", json=query, headers=auth), 422, "bad_vectors")
+    # far out but within the store's bound, every metric answers finite distances
+    for metric in ("hyperbolic", "euclidean", "cosine"):
+        query = {"collection": "far", "vector": [1e140] * tiny.config.hidden_size, "metric": metric}
+        r = client.post("/v1/capture/search", json=query, headers=auth)
+        assert r.status_code == 200, r.text
+        assert all(np.isfinite(n["distance"]) for n in r.json()["results"][0]["neighbours"])
+
+
+def test_admission_bounds_bytes_and_count_and_refuses_after_a_short_wait():
+    admission = Admission(budget=100, slots=2, wait_s=0.2)
+    with admission.admit(90):
+        with admission.admit(10):  # fits beside the large one
+            t0 = time.monotonic()
+            with pytest.raises(Busy) as e, admission.admit(1):  # two are running
+                pass
+            assert 0.2 <= time.monotonic() - t0 < 2 and e.value.headers == {"Retry-After": "1"}
+        with pytest.raises(Busy), admission.admit(11):  # over the bytes left
+            pass
+        with admission.admit(10):
+            pass
+    assert admission.held == admission.running == 0
+
+
+def test_a_small_capture_runs_beside_a_large_one_and_an_over_budget_one_gets_503(make_client, tiny, monkeypatch):
+    dims = Dims.of(tiny.config)
+    small, large = {"text": "Hi", "format": "holo"}, {"text": TEXT, "states": ["attn.hook_pattern"], "format": "holo"}
+    n_large = len(tiny.tokenizer(TEXT)["input_ids"])
+    need_small = estimate_bytes(dims, select(dims, len(tiny.tokenizer("Hi")["input_ids"])), "holo")
+    need_large = estimate_bytes(dims, select(dims, n_large, states=large["states"]), "holo")
+    assert need_large > need_small
+    running, release = threading.Event(), threading.Event()
+
+    def held_capture(lm, ids, sel):  # the large capture stays in its forward until released
+        if len(ids) == n_large:
+            running.set()
+            release.wait(10)
+        return capture(lm, ids, sel)
+
+    monkeypatch.setattr(capture_api, "capture", held_capture)
+    monkeypatch.setattr(capture_api, "ADMIT_WAIT_S", 0.3)
+    client = make_client(capture_max_bytes=need_large + need_small)  # one large and one small at once
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(client.post, "/v1/capture", json=large)
+            assert running.wait(10)
+            t0 = time.monotonic()
+            assert client.post("/v1/capture", json=small).status_code == 200
+            assert time.monotonic() - t0 < 5  # did not wait for the large one
+            t0 = time.monotonic()
+            busy = client.post("/v1/capture", json=large)
+            assert time.monotonic() - t0 < 5
+            assert_error(busy, 503, "capture_busy")
+            assert busy.headers["retry-after"] == "1"
+        finally:
+            release.set()
+        assert first.result(10).status_code == 200
+    assert client.post("/v1/capture", json=large).status_code == 200  # the budget is free again

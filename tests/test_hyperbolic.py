@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from server.hyperbolic import METRICS, StateStore, StoreError, to_ball
+from server.hyperbolic import MAX_NORM, METRICS, OWNER_SHARE, StateStore, StoreError, to_ball
 
 
 def mobius_add(x, y, c):
@@ -90,9 +90,16 @@ def test_only_the_product_of_sqrt_curvature_and_scale_changes_the_ranking():
     assert np.array_equal(ia, ib) and np.allclose(2 * da, db)
 
 
+def fails(status, code, fn, *a, **kw):
+    with pytest.raises(StoreError) as e:
+        fn(*a, **kw)
+    assert (e.value.status, e.value.code) == (status, code), str(e.value)
+    return str(e.value)
+
+
 def test_collections_grow_check_their_parameters_and_are_bounded():
     rng = np.random.default_rng(4)
-    store = StateStore(max_bytes=100 * (8 + 1) * 8)
+    store = StateStore(max_bytes=OWNER_SHARE * 100 * (8 + 1) * 8)  # one owner: 100 vectors of 8-d
     spec = {"state": "hook_resid_post", "layer": 1}
     col, ids = store.add("runs", rng.normal(size=(30, 8)), [{}] * 30, spec, center=True)
     assert col.centered and col.scale > 0 and len(col.norms) == 30 and ids == list(range(30))
@@ -100,15 +107,11 @@ def test_collections_grow_check_their_parameters_and_are_bounded():
     assert ids == list(range(30, 50)) and col.entries[49] == {"x": 1, "id": 49}
     assert len(store.get("runs").norms) == 50 and store.nbytes == 50 * 9 * 8
 
-    def fails(status, code, fn, *a, **kw):
-        with pytest.raises(StoreError) as e:
-            fn(*a, **kw)
-        assert (e.value.status, e.value.code) == (status, code), str(e.value)
-
     fails(409, "collection_mismatch", store.add, "runs", rng.normal(size=(2, 9)), [{}] * 2, spec)
     fails(409, "collection_mismatch", store.add, "runs", rng.normal(size=(2, 8)), [{}] * 2, {"layer": 2})
     fails(409, "collection_mismatch", store.add, "runs", rng.normal(size=(2, 8)), [{}] * 2, spec, curvature=-2.0)
-    fails(503, "store_full", store.add, "other", rng.normal(size=(51, 8)), [{}] * 51, spec)
+    fails(413, "collection_too_large", store.add, "runs", rng.normal(size=(51, 8)), [{}] * 51, spec)
+    fails(413, "store_full", store.add, "other", rng.normal(size=(51, 8)), [{}] * 51, spec)
     fails(422, "bad_collection", store.add, "no spaces", rng.normal(size=(2, 8)), [{}] * 2, spec)
     fails(422, "bad_curvature", store.add, "x", rng.normal(size=(2, 8)), [{}] * 2, spec, curvature=1.0)
     fails(422, "bad_vectors", store.add, "x", np.full((2, 8), np.nan), [{}] * 2, spec)
@@ -116,6 +119,74 @@ def test_collections_grow_check_their_parameters_and_are_bounded():
     fails(404, "unknown_collection", store.search, "nope", rng.normal(size=(1, 8)), 3)
     fails(422, "bad_vectors", store.search, "runs", rng.normal(size=(1, 5)), 3)
     fails(422, "bad_metric", store.search, "runs", rng.normal(size=(1, 8)), 3, "manhattan")
+    assert store.nbytes == 50 * 9 * 8  # nothing refused was kept
     store.delete("runs")
     assert store.collections() == [] and store.nbytes == 0
     fails(404, "unknown_collection", store.delete, "runs")
+
+
+def test_owners_see_only_their_own_collections():
+    rng = np.random.default_rng(5)
+    store = StateStore(1 << 20)
+    a, _ = store.add("c", rng.normal(size=(3, 8)), [{"who": "a"}] * 3, {}, owner="A")
+    store.add("a-only", rng.normal(size=(3, 8)), [{"who": "a"}] * 3, {}, owner="A")
+    b, _ = store.add("c", rng.normal(size=(2, 4)), [{"who": "b"}] * 2, {}, owner="B")  # same name, its own
+    assert a is not b and store.get("c", owner="A") is a and store.get("c", owner="B") is b
+    assert [c.name for c in store.collections(owner="B")] == ["c"] and store.collections() == []
+    col, idx, _ = store.search("c", rng.normal(size=(1, 4)), 5, owner="B")
+    assert {col.entries[i]["who"] for i in idx[0]} == {"b"}
+    # another owner's collection is exactly a missing one; no message names another owner's collections
+    theirs = fails(404, "unknown_collection", store.search, "a-only", rng.normal(size=(1, 4)), 1, owner="B")
+    missing = fails(404, "unknown_collection", store.search, "never", rng.normal(size=(1, 4)), 1, owner="B")
+    assert theirs.replace("a-only", "never") == missing and "a-only" not in missing
+    fails(404, "unknown_collection", store.delete, "a-only", owner="B")
+    fails(403, "forbidden", store.add, "new", rng.normal(size=(1, 4)), [{}], {}, owner="B", create=False)
+    store.add("c", rng.normal(size=(1, 4)), [{"who": "b"}], {}, owner="B", create=False)  # adding to its own
+    store.delete("a-only", owner="A")
+    assert [c.name for c in store.collections(owner="A")] == ["c"]
+
+
+def test_one_owner_holds_at_most_a_share_and_the_store_is_bounded_for_all():
+    rng = np.random.default_rng(6)
+    row = (8 + 1) * 8
+    store = StateStore(max_bytes=OWNER_SHARE * 10 * row)  # 10 vectors per owner
+    assert store.owner_max_bytes == 10 * row
+    fails(413, "collection_too_large", store.add, "c", rng.normal(size=(11, 8)), [{}] * 11, {}, owner="A")
+    store.add("c", rng.normal(size=(6, 8)), [{}] * 6, {}, owner="A")
+    fails(413, "store_full", store.add, "d", rng.normal(size=(5, 8)), [{}] * 5, {}, owner="A")
+    store.add("d", rng.normal(size=(4, 8)), [{}] * 4, {}, owner="A")
+    for owner in "BCD":
+        store.add("c", rng.normal(size=(10, 8)), [{}] * 10, {}, owner=owner)
+    assert store.nbytes == store.max_bytes
+    fails(503, "store_full", store.add, "c", rng.normal(size=(1, 8)), [{}], {}, owner="E")
+    store.delete("c", owner="B")
+    store.add("c", rng.normal(size=(1, 8)), [{}], {}, owner="E")
+
+
+@pytest.mark.parametrize("curvature", [-1e-300, -1e-6, -1.0, -1e6, -1e300])
+def test_every_distance_is_finite_up_to_the_largest_norm(curvature):
+    rng = np.random.default_rng(7)
+    direction = rng.normal(size=(6, 8))
+    norms = np.array([0.0, 1e-300, 1.0, 1e50, 1e149, MAX_NORM])
+    col, _ = StateStore(1 << 20).add("c", direction / np.linalg.norm(direction, axis=1, keepdims=True) * norms[:, None],
+                                     [{}] * 6, {}, curvature=curvature, scale=1.0)
+    queries = np.concatenate([col.directions * col.norms[:, None], -col.directions * col.norms[:, None]])
+    for metric in METRICS:
+        _, dist = col.search(queries, 6, metric)
+        assert np.isfinite(dist).all(), metric
+
+
+def test_scales_and_vectors_that_overflow_are_refused():
+    rng = np.random.default_rng(8)
+    u = rng.normal(size=(4, 8))
+    store = StateStore(1 << 20)
+    fails(422, "bad_scale", store.add, "c", u, [{}] * 4, {}, scale=1e308)
+    fails(422, "bad_scale", store.add, "c", u, [{}] * 4, {}, scale=MAX_NORM)
+    fails(422, "bad_vectors", store.add, "c", np.full((2, 8), 1e200), [{}] * 2, {})  # |u| overflows: no scale
+    fails(422, "bad_vectors", store.add, "c", np.array([[1e308, -1e308], [-1e308, 1e308]]), [{}] * 2, {},
+          center=True)
+    store.add("c", u, [{}] * 4, {})
+    fails(422, "bad_vectors", store.add, "c", np.full((1, 8), 1e200), [{}], {})
+    for metric in METRICS:
+        fails(422, "bad_vectors", store.search, "c", np.full((1, 8), 1e308), 3, metric)
+    assert store.nbytes == 4 * 9 * 8
