@@ -27,6 +27,7 @@ const MAX_TENSORS = 2 ** 16;
 const MAX_NAME = 256;
 const MAX_NDIM = 8;
 const MAX_DIM = 2 ** 31;
+const MAX_TENSOR_BYTES = 2 ** 40; // bounds the product of a shape's nonzero dimensions times the dtype size
 export const DEFAULT_MAX_INFLATE = 2 ** 30;
 // Input fed to the decompressor at a time: the browser inflates a whole chunk before the
 // reader can stop it, so this bounds what a zip bomb allocates beyond the tensor's size
@@ -114,7 +115,12 @@ export async function loadHologram(bytes, {maxInflate = DEFAULT_MAX_INFLATE} = {
     if (ndim > MAX_NDIM || flags & ~FLAG_DEFLATE) throw fail(`bad rank ${ndim} or flags ${flags}`);
     const s = take(4 * ndim);
     const shape = Array.from({length: ndim}, (_, d) => view.getUint32(s + 4 * d, true));
-    if (shape.some((d) => d >= MAX_DIM)) throw fail(`absurd shape [${shape}]`);
+    const {name: dtype, Array: TypedArray} = DTYPES[code];
+    // A 0 dimension empties the tensor but must not hide absurd other dimensions. Doubles
+    // decide this exactly: every partial product is exact while at most 2^40, and once
+    // past it, rounding (monotone) keeps it past.
+    const extent = shape.reduce((a, d) => a * (d || 1), TypedArray.BYTES_PER_ELEMENT);
+    if (shape.some((d) => d >= MAX_DIM) || extent > MAX_TENSOR_BYTES) throw fail(`absurd shape [${shape}]`);
     const o = take(16);
     const offset = u64(view, o);
     const nbytes = u64(view, o + 8);
@@ -123,9 +129,7 @@ export async function loadHologram(bytes, {maxInflate = DEFAULT_MAX_INFLATE} = {
       throw fail(`offset ${offset}+${nbytes} out of range or misaligned`);
     }
     prevEnd = offset + nbytes;
-    const {name: dtype, Array: TypedArray} = DTYPES[code];
-    // Doubles: inexact only above 2^53, far beyond the input length and the inflate limit.
-    const rawSize = shape.reduce((a, d) => a * d, TypedArray.BYTES_PER_ELEMENT);
+    const rawSize = shape.reduce((a, d) => a * d, TypedArray.BYTES_PER_ELEMENT); // exact: <= extent
     let payload = data.subarray(offset, offset + nbytes);
     if (flags & FLAG_DEFLATE) {
       inflated += rawSize;

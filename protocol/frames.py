@@ -2,21 +2,29 @@
 
 Layout, meaning and the chain hash: protocol/SPEC.md, "Reconciliation frames". Every frame
 carries `v` (the frame version) and `type`; a frame that is too large, not msgpack, not a
-map, of an unknown type or with a bad field is refused with a FrameError, whose message
-goes back to the page in an `error` frame.
+map, of another version, of an unknown type or with a bad field is refused with a
+FrameError, whose message (naming the field) goes back to the page in an `error` frame.
+
+Frames from the page are validated strictly: no coercion between types. Integers are
+msgpack integers (never booleans, floats or strings), bytes are msgpack `bin` (never `str`),
+`temperature` is a number (an integer or a float, never a boolean), and unknown keys are
+refused. Frames the anchor builds itself (`Ready`, `Verdict`, `Error`) are not checked
+strictly.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 VERSION = 1
-MAX_FRAME_BYTES = 64 * 1024
-MAX_DRAFT = 256
+MAX_FRAME_BYTES = 64 * 1024  # the largest message of the channel, in bytes (SPEC: 64 KiB)
+MAX_DRAFT = 256  # drafted tokens per draft frame
+MAX_TOKEN_ID = 1 << 31  # token ids are below this (and below the model's vocabulary size)
+MAX_SESSION_TOKEN = 256  # characters of the session token in a hello
 GENESIS = b"\x00" * 32
 
 
@@ -28,22 +36,35 @@ class _Frame(BaseModel):
     model_config = ConfigDict(extra="forbid")
     v: Literal[1]
 
+    @field_validator("v", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        # Literal[1] alone takes True and 1.0, which equal 1 in Python.
+        if type(v) is not int or v != VERSION:
+            raise ValueError(f"the frame version must be the integer {VERSION}")
+        return v
 
-Token = Annotated[int, Field(ge=0, lt=1 << 31)]
+
+class _PageFrame(_Frame):
+    """A frame from the page: every field has exactly its msgpack type."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Token = Annotated[int, Field(ge=0, lt=MAX_TOKEN_ID)]
 Chain = Annotated[bytes, Field(min_length=32, max_length=32)]
 
 
-class Hello(_Frame):
+class Hello(_PageFrame):
     """Page -> anchor, first: who it is, what it has confirmed, and the sampling of the session."""
     type: Literal["hello"]
-    token: str = Field(max_length=256)
+    token: str = Field(max_length=MAX_SESSION_TOKEN)
     position: int = Field(ge=0)  # tokens of the conversation the page holds as confirmed
     chain: Chain  # chain hash at that position
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=1 << 32)
 
 
-class Draft(_Frame):
+class Draft(_PageFrame):
     """Page -> anchor: tokens drafted after the confirmed position `position`."""
     type: Literal["draft"]
     position: int = Field(ge=0)
@@ -84,20 +105,48 @@ _client = TypeAdapter(ClientFrame)
 
 
 def decode(data: bytes) -> Hello | Draft:
+    """Parse one frame from the page; any defect raises FrameError naming it (and the field)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FrameError("frames are binary msgpack")
     if len(data) > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {len(data)} bytes; the limit is {MAX_FRAME_BYTES}")
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types
-        raise FrameError(f"not a msgpack frame: {e}") from None
+        raise FrameError(f"not a msgpack frame: {str(e) or type(e).__name__}") from None
     if not isinstance(obj, dict):
-        raise FrameError("a frame is a msgpack map")
-    if obj.get("v") != VERSION:
-        raise FrameError(f"frame version {obj.get('v')!r}; this anchor speaks version {VERSION}")
+        raise FrameError(f"a frame is a msgpack map, not {_type_name(obj)}")
+    v = obj.get("v")
+    if type(v) is not int or v != VERSION:
+        raise FrameError(f"v: frame version {v!r:.40} ({_type_name(v)}); this anchor speaks version "
+                         f"{VERSION}, the integer")
     try:
         return _client.validate_python(obj)
     except ValidationError as e:
-        raise FrameError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        raise FrameError("; ".join(_describe(x) for x in e.errors(include_url=False))) from None
+    except Exception as e:  # never let a validator's own exception escape as something else
+        raise FrameError(f"bad frame: {e}") from None
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string (msgpack str)",
+             bytes: "bytes (msgpack bin)", list: "array", dict: "map", type(None): "nil"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _describe(error: dict) -> str:
+    """`field: what is wrong (got <type>)`, the field path without the frame's type tag."""
+    kind = error["type"]
+    if kind == "union_tag_not_found":
+        return "type: missing (a page sends 'hello' or 'draft')"
+    if kind == "union_tag_invalid":
+        return f"type: unknown frame type '{error['ctx']['tag']:.40}' (a page sends 'hello' or 'draft')"
+    loc = list(error["loc"])
+    if loc and loc[0] in ("hello", "draft"):
+        loc = loc[1:]
+    where = ".".join(map(str, loc)) or "frame"
+    got = "" if kind in ("missing", "extra_forbidden") else f" (got {_type_name(error['input'])})"
+    return f"{where}: {error['msg']}{got}"
 
 
 def encode(frame: BaseModel) -> bytes:

@@ -45,6 +45,7 @@ MAX_TENSORS = 1 << 16
 MAX_NAME = 256
 MAX_NDIM = 8
 MAX_DIM = 1 << 31
+MAX_TENSOR_BYTES = 1 << 40  # the product of a shape's nonzero dimensions times the dtype size
 DEFAULT_MAX_INFLATE = 1 << 30
 
 
@@ -61,6 +62,11 @@ class Holo:
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _extent(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of the shape with every 0 dimension counted as 1: what bounds a shape (SPEC check 16)."""
+    return itemsize * math.prod(d for d in shape if d)
 
 
 def content_hash(data: bytes) -> str:
@@ -93,6 +99,8 @@ def save_hologram(holo: Holo, deflate: frozenset[str] | set[str] = frozenset(), 
         encoded = name.encode()
         if not 0 < len(encoded) <= MAX_NAME or arr.ndim > MAX_NDIM:
             raise HoloError(f"tensor {name!r}: bad name length or rank")
+        if any(d >= MAX_DIM for d in arr.shape) or _extent(arr.shape, dt.itemsize) > MAX_TENSOR_BYTES:
+            raise HoloError(f"tensor {name!r}: shape {arr.shape} is beyond the format's limits")
         entries.append((encoded, DTYPE_CODES[dt], arr.shape, flags))
         payloads.append(raw)
     dir_len = sum(ENTRY_HEAD.size + len(n) + ENTRY_TYPE.size + 4 * len(s) + ENTRY_TAIL.size
@@ -177,7 +185,11 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
         if ndim > MAX_NDIM or flags & ~FLAG_DEFLATE:
             raise HoloError(f"tensor {name!r}: bad rank {ndim} or flags {flags}")
         shape = struct.unpack(f"<{ndim}I", take(4 * ndim))
-        if any(d >= MAX_DIM for d in shape):
+        dtype = DTYPES[code]
+        # Python ints: exact, where a uint64 product can wrap to 0. A 0 dimension makes the
+        # tensor empty, yet numpy still refuses a shape whose other dimensions multiply past
+        # its index range, so they are bounded too.
+        if any(d >= MAX_DIM for d in shape) or _extent(shape, dtype.itemsize) > MAX_TENSOR_BYTES:
             raise HoloError(f"tensor {name!r}: absurd shape {shape}")
         offset, nbytes = ENTRY_TAIL.unpack(take(ENTRY_TAIL.size))
         if name in tensors:
@@ -185,8 +197,7 @@ def load_hologram(data: bytes, max_inflate: int = DEFAULT_MAX_INFLATE) -> Holo:
         if offset % ALIGN or offset < prev_end or offset + nbytes > body_end:
             raise HoloError(f"tensor {name!r}: offset {offset}+{nbytes} out of range or misaligned")
         prev_end = offset + nbytes
-        dtype = DTYPES[code]
-        raw_size = dtype.itemsize * math.prod(shape)  # exact: a uint64 product can wrap to 0
+        raw_size = dtype.itemsize * math.prod(shape)  # <= extent <= MAX_TENSOR_BYTES
         stored = data[offset:offset + nbytes]
         if flags & FLAG_DEFLATE:
             inflated += raw_size

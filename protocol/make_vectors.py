@@ -22,7 +22,7 @@ import numpy as np
 
 from protocol.holo import (
     CHECKSUM_LEN, DEFAULT_MAX_INFLATE, DTYPE_CODES, ENTRY_HEAD, HEADER, MAX_DIM, MAX_META,
-    MAX_TENSORS, KIND_NAMES, Holo, HoloError, load_hologram, save_hologram,
+    MAX_TENSOR_BYTES, MAX_TENSORS, KIND_NAMES, Holo, HoloError, load_hologram, save_hologram,
 )
 
 VECTOR_DIR = Path(__file__).parent / "vectors"
@@ -93,6 +93,13 @@ def put_bytes(data: bytes, off: int, new: bytes) -> bytes:
     return data[:off] + new + data[off + len(new):]
 
 
+def _put_shape(data: bytes, shape: list[int]) -> bytes:
+    """`data` with the dimensions of its first tensor replaced (same rank)."""
+    for d, value in enumerate(shape):
+        data = put(data, f"t0.shape[{d}]", value)
+    return data
+
+
 def reseal(data: bytes) -> bytes:
     """Recompute the trailing SHA-256 so a reader gets past the checksum to the defect."""
     return data[:-CHECKSUM_LEN] + hashlib.sha256(data[:-CHECKSUM_LEN]).digest()
@@ -153,6 +160,9 @@ def valid_vectors() -> list[tuple[str, str, Holo, frozenset[str]]]:
         ("max_rank", "a tensor of the maximum rank 8",
          Holo("captured_state", {}, {"r8": np.arange(16, dtype="<f4").reshape(1, 2, 1, 2, 1, 2, 1, 2)}),
          frozenset()),
+        ("empty_at_limit", "an empty u8 tensor of shape [0, 2^20, 2^20]: its nonzero dimensions "
+         "give exactly MAX_TENSOR_BYTES (2^40), the most allowed",
+         Holo("captured_state", {}, {"e": np.zeros((0, 1 << 20, 1 << 20), "u1")}), frozenset()),
     ]
 
 
@@ -178,6 +188,8 @@ def invalid_vectors() -> list[tuple[str, str, str, bytes]]:
     zbase = save_hologram(Holo("conversation", {}, {"z": np.arange(16, dtype="u1")}), frozenset({"z"}))
     zeros = save_hologram(Holo("conversation", {}, {"z": np.zeros(4096, "u1")}), frozenset({"z"}))
     quad = save_hologram(Holo("conversation", {}, {"q": np.ones((1, 1, 1, 1), "u1")}))
+    octo = save_hologram(Holo("conversation", {}, {"o": np.ones((1,) * 8, "u1")}))
+    empty3 = save_hologram(Holo("conversation", {}, {"e": np.zeros((0, 1, 1), "u1")}))
     meta_off, _ = field_pos(base, "metadata")
     dir_len = HEADER.unpack_from(base)[5]
     a_off, _ = field_pos(base, "t0.payload")
@@ -224,10 +236,16 @@ def invalid_vectors() -> list[tuple[str, str, str, bytes]]:
         ("bad_flags", "flags 2: an unknown flag bit", "bad rank", reseal(put(base, "t0.flags", 2))),
         ("absurd_shape", f"a dimension of {MAX_DIM} (2^31)", "absurd shape",
          reseal(put(base, "t0.shape[0]", MAX_DIM))),
-        ("shape_overflow", "shape [65536]*4 of u8 with nbytes 0: the element count 2^64 wraps "
-         "to 0 in 64-bit arithmetic; compute it exactly", "bytes stored",
+        ("shape_overflow", "shape [65536]*4 of u8 with nbytes 0: the size 2^64 bytes wraps to 0 "
+         "in 64-bit arithmetic, which would pass the size bound; compute it exactly", "absurd shape",
          reseal(put(put(put(put(put(quad, "t0.shape[0]", 65536), "t0.shape[1]", 65536),
                             "t0.shape[2]", 65536), "t0.shape[3]", 65536), "t0.nbytes", 0))),
+        ("empty_absurd_shape", "shape [2^31 - 1]*7 + [0] of u8 with nbytes 0: no elements, but "
+         "the nonzero dimensions multiply to about 2^217 bytes, far over MAX_TENSOR_BYTES",
+         "absurd shape", reseal(put(_put_shape(octo, [MAX_DIM - 1] * 7 + [0]), "t0.nbytes", 0))),
+        ("empty_over_limit", "an empty u8 tensor of shape [0, 2^20 + 1, 2^20]: its nonzero "
+         f"dimensions give 2^40 + 2^20 bytes, over MAX_TENSOR_BYTES ({MAX_TENSOR_BYTES})",
+         "absurd shape", reseal(_put_shape(empty3, [0, (1 << 20) + 1, 1 << 20]))),
         ("nbytes_mismatch", "nbytes 3 for a u8 tensor of shape [4]", "bytes stored",
          reseal(put(base, "t0.nbytes", 3))),
         ("offset_past_end", "payload offset beyond the end of the file", "out of range or misaligned",

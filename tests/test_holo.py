@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import struct
 import tracemalloc
@@ -169,6 +170,8 @@ def test_load_accepts_bytearray_and_memoryview():
     (Holo("conversation", {}, {"": np.zeros(2, "u1")}), "bad name length or rank"),
     (Holo("conversation", {}, {"é" * 129: np.zeros(2, "u1")}), "bad name length or rank"),
     (Holo("conversation", {}, {"x": np.zeros((1,) * 9, "u1")}), "bad name length or rank"),
+    (Holo("conversation", {}, {"x": np.zeros((0, 2**31), "u1")}), "beyond the format's limits"),
+    (Holo("conversation", {}, {"x": np.zeros((0, 1 << 20, 1 << 19), "<u4")}), "beyond the format's limits"),
 ])
 def test_save_rejects(holo, message):
     with pytest.raises(HoloError, match=re.escape(message)):
@@ -228,8 +231,67 @@ def test_huge_shape_product_is_computed_exactly():
     data = save_hologram(Holo("conversation", {}, {"q": np.ones((1,) * 8, "<u4")}), {"q"})
     for d in range(8):
         data = mv.put(data, f"t0.shape[{d}]", 2**31 - 1)
-    with pytest.raises(HoloError, match="inflated size exceeds limit"):
+    with pytest.raises(HoloError, match="absurd shape"):  # ~2^250 bytes: over MAX_TENSOR_BYTES
         load_hologram(reseal(data))
+    # Within MAX_TENSOR_BYTES, a deflated tensor still meets the inflate limit before inflating.
+    data = save_hologram(Holo("conversation", {}, {"q": np.ones((1, 1), "u1")}), {"q"})
+    data = reseal(mv.put(mv.put(data, "t0.shape[0]", 1 << 20), "t0.shape[1]", 1 << 20))
+    with pytest.raises(HoloError, match="inflated size exceeds limit"):
+        load_hologram(data)
+
+
+def file_with_shape(shape: list[int], dtype: str = "u1", deflate: bool = False, nbytes: int | None = None) -> bytes:
+    """A valid one-tensor file whose shape field is then set to `shape` (and nbytes, if given)."""
+    holo = Holo("conversation", {}, {"t": np.zeros((1,) * len(shape), dtype)})
+    data = save_hologram(holo, {"t"} if deflate else set())
+    for d, value in enumerate(shape):
+        data = mv.put(data, f"t0.shape[{d}]", value)
+    if nbytes is not None:
+        data = mv.put(data, "t0.nbytes", nbytes)
+    return reseal(data)
+
+
+MAX = 2**31 - 1
+EMPTY_ABSURD = {  # name: (shape, dtype); raw size 0, extent over MAX_TENSOR_BYTES (2^40)
+    "seven_max_then_zero": ([MAX] * 7 + [0], "u1"),
+    "zero_then_seven_max": ([0] + [MAX] * 7, "u1"),
+    "zero_in_the_middle": ([MAX, MAX, 0, MAX], "<f2"),
+    "two_max_and_zero": ([MAX, MAX, 0], "u1"),  # ~2^62 bytes: numpy's own limit is 2^63
+    "wraps_u64_to_zero": ([0, 65536, 65536, 65536, 65536], "u1"),
+    "just_over_u8": ([0, (1 << 20) + 1, 1 << 20], "u1"),
+    "just_over_f32": ([0, 1 << 20, (1 << 18) + 1], "<f4"),
+}
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw", "deflated"])
+@pytest.mark.parametrize("case", list(EMPTY_ABSURD))
+def test_empty_tensor_with_absurd_other_dimensions_is_a_holo_error(case, deflate):
+    shape, dtype = EMPTY_ABSURD[case]
+    data = file_with_shape(shape, dtype, deflate, nbytes=None if deflate else 0)
+    err = load_bounded(data)
+    assert isinstance(err, HoloError) and "absurd shape" in str(err), err
+
+
+@pytest.mark.parametrize("shape, dtype", [([0, 1 << 20, 1 << 20], "u1"), ([1 << 20, 0, 1 << 18], "<f4"),
+                                          ([0, MAX], "<u2"), ([0] * 8, "<i4")])
+def test_empty_tensor_at_the_extent_limit_loads(shape, dtype):
+    holo = load_bounded(file_with_shape(shape, dtype, nbytes=0))
+    assert isinstance(holo, Holo), holo
+    assert holo.tensors["t"].shape == tuple(shape) and holo.tensors["t"].size == 0
+
+
+def test_shape_checks_precede_numpy():
+    """The reader, not numpy, refuses every shape: nothing but HoloError on any rank-8 shape."""
+    rng = random.Random(7)
+    values = [0, 1, 2, 3, 255, 65535, 65536, 1 << 20, (1 << 20) + 1, MAX, 2**31, 2**32 - 1]
+    for _ in range(300):
+        shape = [rng.choice(values) for _ in range(rng.randint(1, 8))]
+        data = file_with_shape(shape, rng.choice(["u1", "<f4"]), rng.random() < 0.3,
+                               nbytes=rng.choice([None, 0, 4, 64]))
+        try:
+            load_hologram(data, max_inflate=FUZZ_INFLATE)
+        except HoloError:
+            pass
 
 
 # --- shared vectors ----------------------------------------------------------------------
@@ -394,3 +456,54 @@ def test_every_single_byte_change_of_every_valid_vector():
                 except HoloError as e:
                     phrases.add(re.sub(r"^tensor '.*?': ", "", str(e)).split(":")[0])
     assert len(phrases) >= 15, phrases
+
+
+def test_seeded_fuzz_raises_only_holo_errors():
+    """Byte flips, field overwrites and truncations of the valid vectors, and random headers,
+    mostly resealed so the damage gets past the checksum: a Holo or a HoloError, nothing else."""
+    rng = random.Random(20240611)
+    fields = [[(off, fmt) for off, _, _, fmt, _ in mv.layout(seed) if fmt not in ("", "8s")] for seed in SEEDS]
+    shapes = [[[off for off, _, label, _, _ in mv.layout(seed) if label.startswith(f"t{t}.shape[")]
+               + [off for off, _, label, _, _ in mv.layout(seed) if label == f"t{t}.nbytes"]
+               for t in range(len(load_hologram(seed).tensors))] for seed in SEEDS]
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(4000):
+        if i % 4 == 3:  # a random header over a random body
+            header = HEADER.pack(MAGIC if rng.random() < 0.9 else rng.randbytes(8),
+                                 rng.choice([1, 1, 1, 0, 2]), rng.randint(0, 4),
+                                 rng.choice([0, 2, rng.randint(0, 300), MAX_META, 2**32 - 1]),
+                                 rng.choice([0, 1, 2, rng.randint(0, 8), 2**32 - 1]),
+                                 rng.choice([0, rng.randint(0, 400), 2**32 - 1]), 0)
+            data = header + rng.randbytes(rng.randint(0, 600)) + bytes(CHECKSUM_LEN)
+        else:
+            k = rng.randrange(len(SEEDS))
+            data = bytearray(SEEDS[k])
+            for _ in range(rng.randint(1, 4)):
+                op = rng.random()
+                if op < 0.15 and shapes[k]:  # a whole new shape, often with nbytes 0
+                    *dims, nbytes = rng.choice(shapes[k])
+                    for off in dims:
+                        data[off:off + 4] = struct.pack("<I", rng.choice([0, 0, 1, 2, 65536, 2**31 - 1]))
+                    if rng.random() < 0.5:
+                        data[nbytes:nbytes + 8] = bytes(8)
+                elif op < 0.4:  # flip bits of one byte past the magic
+                    pos = rng.randrange(len(MAGIC), len(data)) if len(data) > len(MAGIC) else 0
+                    if pos < len(data):
+                        data[pos] ^= 1 << rng.randrange(8)
+                elif op < 0.8:  # overwrite an integer field (shape dims included) with an edge value
+                    pos, fmt = rng.choice([f for f in fields[k] if f[0] + struct.calcsize(f[1]) <= len(data)]
+                                          or [(8, "<H")])
+                    size = struct.calcsize(fmt)
+                    value = rng.choice(INTERESTING + [rng.getrandbits(8 * size)]) % (1 << 8 * size)
+                    data[pos:pos + size] = struct.pack(fmt, value)
+                else:  # truncate
+                    del data[rng.randrange(len(data) + 1):]
+            data = bytes(data)
+        if rng.random() < 0.85:
+            data = reseal(data)
+        try:
+            load_hologram(data, max_inflate=FUZZ_INFLATE)
+            outcomes["ok"] += 1
+        except HoloError:
+            outcomes["error"] += 1
+    assert outcomes["ok"] and outcomes["error"]

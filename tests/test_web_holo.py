@@ -209,6 +209,32 @@ def test_deflate_verdicts_match_python(page, case):
     assert_same_as_python(got, data, **({"max_inflate": options["maxInflate"]} if options else {}))
 
 
+def with_shape(shape: list[int], dtype: str, deflate: bool) -> bytes:
+    """A one-tensor file whose shape is then set to `shape`; a raw payload gets nbytes 0."""
+    data = save_hologram(Holo("conversation", {}, {"t": np.zeros((1,) * len(shape), dtype)}),
+                         {"t"} if deflate else set())
+    for d, value in enumerate(shape):
+        data = mv.put(data, f"t0.shape[{d}]", value)
+    return reseal(data if deflate else mv.put(data, "t0.nbytes", 0))
+
+
+def test_shape_extent_limit_matches_python(page):
+    """Empty tensors whose other dimensions multiply past MAX_TENSOR_BYTES (2^40) are refused,
+    those at the limit load: the same verdicts as Python's, for raw and deflated payloads."""
+    big = 2**31 - 1
+    shapes = [([big] * 7 + [0], "u1"), ([0] + [big] * 7, "u1"), ([big, 0, big], "<f2"),
+              ([0, 65536, 65536, 65536, 65536], "u1"), ([0, (1 << 20) + 1, 1 << 20], "u1"),
+              ([0, 1 << 20, (1 << 18) + 1], "<f4"), ([0, 1 << 20, 1 << 20], "u1"),
+              ([1 << 20, 0, 1 << 18], "<f4"), ([0, big], "<u2"), ([big] * 8, "<u4")]
+    files = [with_shape(shape, dtype, deflate) for shape, dtype in shapes for deflate in (False, True)]
+    results = load_js(page, files)
+    for data, got in zip(files, results, strict=True):
+        assert_same_as_python(got, data)
+    verdicts = [got.get("error") and phrase(got["error"]) for got in results]
+    # At the limit a raw empty tensor loads; a deflated one holds a stream of 1 byte, not 0.
+    assert verdicts == ["absurd shape"] * 12 + [None, "does not inflate to"] * 3 + ["absurd shape"] * 2
+
+
 def stopped_at_cap(seed: bytes, data: bytes, pos: int) -> bool:
     """Whether Python's capped inflate stopped before the corruption the browser saw.
 
