@@ -24,10 +24,11 @@ export class SyncChannel {
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(url);
     ws.binaryType = 'arraybuffer';
-    await new Promise((resolve, reject) => {
-      ws.onopen = resolve;
-      ws.onerror = ws.onclose = () => reject(new Error(`cannot reach the anchor's sync channel at ${url}`));
+    const opened = await new Promise((resolve) => {
+      ws.onopen = () => resolve(true);
+      ws.onerror = ws.onclose = () => resolve(false);
     });
+    if (!opened) throw await SyncChannel.whyRefused(sessionId, token, url);
     const channel = new SyncChannel(ws, stats, onClose);
     try {
       const ready = await channel.request({ type: 'hello', token, position, chain, temperature, seed });
@@ -36,6 +37,21 @@ export class SyncChannel {
       channel.close();
       throw e;
     }
+  }
+
+  /**
+   * The anchor refuses the channel of a session it does not hold before it opens, and a page
+   * cannot read why: ask the session's own endpoint, which says 404 (or 401/403) in JSON.
+   */
+  static async whyRefused(sessionId, token, url) {
+    try {
+      const r = await fetch(`/v1/sessions/${sessionId}/checkpoints`, { headers: { Authorization: `Bearer ${token}` } });
+      if (!r.ok) {
+        const { error } = await r.json();
+        if (error?.code) return new AnchorError(error.code, error.message);
+      }
+    } catch { /* the anchor is unreachable: the caller retries */ }
+    return new Error(`cannot reach the anchor's sync channel at ${url}`);
   }
 
   constructor(ws, stats, onClose) {

@@ -8,8 +8,10 @@ token as `Authorization: Bearer <token>`; the session is looked up first (404), 
 token is checked (401 when absent, 403 when wrong).
 """
 
+import asyncio
 import json
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,11 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import frames
 from server import completions
+from server.admission import Busy, Slots
 from server.anchor import Anchor
 from server.capture_api import capture_router
 from server.config import Settings
 from server.memory.api import memory_router
 from server.metrics import METRICS
+from server.middleware import BodyLimit, InternalErrors, OriginPolicy, error_response
 from server.models import load_model
 from server.owners import OwnerError
 from server.sessions import Segment, Session, SessionError, SessionStore
@@ -40,62 +45,6 @@ HOLO_MEDIA_TYPE = "application/octet-stream"
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = {"/client": ROOT / "client_web", "/shaders": ROOT / "shaders"}
 bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes, whatever Content-Length claims.
-
-    The body is read here (at most `limit` bytes are buffered) and replayed to the app, so a
-    chunked or mislabelled upload cannot make an endpoint read more.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                return await self._reply(scope, receive, send, 400, "bad_request", "invalid Content-Length")
-            if int(declared) > self.limit:
-                return await self._too_large(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._too_large(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope, receive, send):
-        await self._reply(scope, receive, send, 413, "body_too_large",
-                          f"the request body exceeds the limit of {self.limit} bytes")
-
-    @staticmethod
-    async def _reply(scope, receive, send, status, code, message):
-        await error_response(status, code, message, {"Connection": "close"})(scope, receive, send)
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -252,11 +201,28 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         _ = a.basis  # builds the model pack now rather than in the first requests, concurrently
         app.state.anchor = a
         app.state.store = SessionStore(a, settings)
-        METRICS.gauges["hpi_sessions"] = ("open sessions", lambda: len(app.state.store))
+        METRICS.gauges["hpi_sessions"] = ("sessions holding caches in memory", lambda: len(app.state.store))
+        sweeper = asyncio.create_task(sweep(app.state.store))
         yield
+        sweeper.cancel()
+
+    async def sweep(st: SessionStore):
+        """Evict idle sessions' caches and delete expired sessions, now and then."""
+        every = min(60.0, settings.session_idle_s / 4, settings.session_ttl_s / 4)
+        while True:
+            await asyncio.sleep(every)
+            await run_in_threadpool(st.sweep)
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+                           expose_headers=["ETag", "Retry-After", "X-HPI-Start", "X-HPI-End", "X-HPI-Estimate-Bytes"])
+    app.add_middleware(OriginPolicy, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins,
+                       private_metrics=settings.private_metrics, private_docs=settings.private_docs)
+    app.add_middleware(InternalErrors)  # outermost of ours: whatever fails below gets a JSON 500
+    completion_slots = Slots(settings.max_completions, settings.max_waiting_completions, "chat completions")
     owners = settings.owners()
     app.include_router(capture_router(settings, owners))
     app.include_router(memory_router(settings, owners))
@@ -280,9 +246,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        return error_response(exc.status, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
 
     def store(request: Request) -> SessionStore:
         return request.app.state.store
@@ -293,6 +259,11 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def token(creds: HTTPAuthorizationCredentials | None) -> str | None:
         return creds.credentials if creds else None
 
+    def client_of(request: Request) -> str:
+        """Whose quota a request counts against: the peer's address (a trusted proxy's
+        forwarded address where uvicorn is told to believe it)."""
+        return request.client.host if request.client else ""
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def root():
         return RedirectResponse("/client/")
@@ -301,12 +272,14 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def favicon():
         return Response(status_code=204)
 
+    # Health and metrics are answered on the event loop: they never wait for a worker thread
+    # that model work may be holding.
     @app.get("/metrics", include_in_schema=False)
-    def metrics():
+    async def metrics():
         return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -332,8 +305,8 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         return _holo_response(request, a.pack_bytes, f'"{a.pack_hash}"', "public, max-age=31536000, immutable")
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
-    def create_session(body: CreateSession, st: Store):
-        s = st.create([m.model_dump() for m in body.messages])
+    def create_session(body: CreateSession, st: Store, request: Request):
+        s = st.create([m.model_dump() for m in body.messages], client_of(request))
         return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
                               hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data))
 
@@ -364,9 +337,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             return Backtracked(checkpoint=body.checkpoint, dropped=dropped, **_trail_position(s))
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=Forked)
-    def fork(session_id: str, body: Fork, st: Store, creds: Credentials):
+    def fork(session_id: str, body: Fork, st: Store, creds: Credentials, request: Request):
         with st.use(session_id, token(creds)) as parent:
-            f = st.fork(parent, body.checkpoint, body.token, body.temperature, body.seed)
+            f = st.fork(parent, body.checkpoint, body.token, body.temperature, body.seed, client_of(request))
             position = parent.checkpoints[body.checkpoint].position
         return Forked(session_id=f.id, token=f.token, shared_tokens=f.caches.anchor.frozen_tokens,
                       forked_from=ForkOrigin(session_id=session_id, checkpoint=body.checkpoint, position=position),
@@ -383,22 +356,39 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                                      "X-HPI-End": str(delta.end)})
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletion, request: Request):
-        """Anchor-only decoding in OpenAI's format (and SSE with `stream`): the baseline."""
+    async def chat_completions(body: ChatCompletion, request: Request):
+        """Anchor-only decoding in OpenAI's format (and SSE with `stream`): the baseline.
+
+        A completion decodes for at most `max_completion_seconds`, stops when its client goes
+        away, and takes one of `max_completions` turns (503 with Retry-After when the line is full).
+        """
         lm = request.app.state.anchor.lm
         ids = lm.chat_ids([m.model_dump() for m in body.messages])
         if len(ids) > settings.max_prompt_tokens:
             return error_response(413, "prompt_too_long",
                                   f"the prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}")
         limit = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
-        tokens = completions.decode(lm, ids, limit, body.temperature, body.seed)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": lm.model_id}
+        gone = threading.Event()  # the client went away: stop decoding
+        place = completion_slots.admit()
+
+        def tokens():
+            try:
+                with completion_slots.turn():
+                    deadline = time.monotonic() + settings.max_completion_seconds
+                    yield from completions.decode(lm, ids, limit, body.temperature, body.seed, deadline, gone)
+            finally:
+                place.release()
 
         def finish(last: int | None) -> str:
             return "stop" if last in lm.eos_token_ids else "length"
 
         if not body.stream:
-            out = list(tokens)
+            work = asyncio.ensure_future(run_in_threadpool(lambda: list(tokens())))
+            while not (await asyncio.wait({work}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    gone.set()
+            out = await work
             text = completions.TextStream(lm)
             content = "".join(text.add(t) for t in out) + text.flush()
             return {**head, "object": "chat.completion",
@@ -412,16 +402,19 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                 return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
                     {"index": 0, "delta": delta, "finish_reason": reason}]}) + "\n\n"
 
-            yield chunk({"role": "assistant", "content": ""})
-            text, last = completions.TextStream(lm), None
-            for last in tokens:
-                piece = text.add(last)
-                if piece:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                text, last = completions.TextStream(lm), None
+                for last in tokens():
+                    piece = text.add(last)
+                    if piece:
+                        yield chunk({"content": piece})
+                if piece := text.flush():
                     yield chunk({"content": piece})
-            if piece := text.flush():
-                yield chunk({"content": piece})
-            yield chunk({}, finish(last))
-            yield "data: [DONE]\n\n"
+                yield chunk({}, finish(last))
+                yield "data: [DONE]\n\n"
+            finally:  # the response stops pulling when its client goes away
+                gone.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -433,6 +426,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         wrong token gets an error frame and the connection is closed.
         """
         st: SessionStore = ws.app.state.store
+        if not st.exists(session_id):  # refused before accepting: the client sees HTTP 403
+            await ws.close(code=1008, reason="session_not_found")
+            return
         await ws.accept()
         session_ok = False
         while True:

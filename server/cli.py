@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from server.app import create_app
     from server.models import ModelError, resolve_model_path
+    from server.serving import server_options
 
     settings = settings_from(args, "model", "resonator_model", "host", "port", "codec")
     check_codec(settings.codec)
@@ -53,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             resolve_model_path(settings.resonator_model)
     except ModelError as e:
         raise CommandError(str(e)) from None
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **server_options())
 
 
 def stored_entries(data: bytes) -> list[tuple[int, int]]:

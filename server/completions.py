@@ -7,6 +7,8 @@ seed. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -19,8 +21,9 @@ from server.sampling import choose
 
 @torch.no_grad()
 def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-           seed: int = 0) -> Iterator[int]:
-    """Token ids after the prompt, one at a time, until an end token (included) or max_tokens.
+           seed: int = 0, deadline: float | None = None, stop: threading.Event | None = None) -> Iterator[int]:
+    """Token ids after the prompt, one at a time, until an end token (included), max_tokens,
+    the `deadline` (time.monotonic) or `stop` being set (its client went away).
 
     The token at index i of the conversation is chosen with position i, as the resonator does.
     """
@@ -34,7 +37,8 @@ def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature:
         token = choose(out.logits[0, -1].float().cpu().numpy(), temperature, seed, position)
         METRICS.add("hpi_tokens_decoded_total")
         yield token
-        if token in eos:
+        if token in eos or (stop is not None and stop.is_set()) or (
+                deadline is not None and time.monotonic() > deadline):
             return
         position += 1
         out = lm.model(input_ids=torch.tensor([[token]], device=dev), cache=cache, use_cache=True)

@@ -25,12 +25,33 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'")
 
     max_prompt_tokens: int = Field(4096, ge=1)
-    max_sessions: int = Field(64, ge=1)
+    max_sessions: int = Field(256, ge=1, description="sessions kept, in memory or as transcripts only")
+    max_live_sessions: int = Field(64, ge=1, description="sessions holding KV caches in memory")
+    max_session_tokens: int = Field(8192, ge=1, description="tokens one session may hold, however they came "
+                                                           "(prompt, turns, verified drafts, forced tokens)")
+    client_share: float = Field(0.25, gt=0, le=1, description="the most of max_sessions and of max_kv_bytes "
+                                                              "one client (IP address) may hold")
+    session_idle_s: float = Field(600, gt=0, description="an idle session's caches are dropped after this; "
+                                                         "its transcript stays and rebuilds them on use")
+    session_ttl_s: float = Field(7 * 86400, gt=0, description="a session unused this long is deleted, "
+                                                              "transcript included")
     max_kv_bytes: int = Field(2 << 30, ge=1, description="KV memory across all sessions")
     max_body_bytes: int = Field(1 << 20, ge=1)
     max_message_chars: int = Field(64_000, ge=1)
     max_messages: int = Field(256, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="tokens one chat completion may generate")
+
+    max_completion_seconds: float = Field(120, gt=0, description="wall time one chat completion may decode for; "
+                                                                  "then it ends with finish_reason 'length'")
+    max_completions: int = Field(4, ge=1, description="chat completions decoding at once; more wait")
+    max_waiting_completions: int = Field(16, ge=0, description="completions that may wait; more get 503")
+
+    allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "[::1]"],
+                                     description="Host header values the anchor answers ('*': any)")
+    allowed_origins: list[str] = Field([], description="cross-origin pages allowed besides the anchor's own "
+                                                       "origin (CORS and websockets; '*': any)")
+    private_metrics: bool = Field(False, description="serve /metrics to loopback clients only")
+    private_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json to loopback clients only")
 
     capture_max_tokens: int = Field(2048, ge=1, description="context tokens one state capture may run over")
     capture_max_bytes: int = Field(64 << 20, ge=1, description="estimated size of one capture answer")

@@ -21,11 +21,19 @@ rebuilt from its token ids on its first use (a fork then gets a cache of its own
 is not restored). If a write fails, the session goes back to its last transcript (and the
 reply is an error), so memory never runs ahead of the disk.
 
-Capacity errors (too many sessions in memory, KV memory full) are 503: the server is busy,
-the request itself is fine and may succeed once other sessions are deleted. They apply
-when a session gets its caches: at creation, at a fork, and at the first use after a
-restart. A request that can never succeed because of its own size (prompt over the token
-limit) is 413. KV shared by forks is charged once, for as long as any session holds it.
+Limits, so that no client can lock the others out (README, "Limits"):
+- Every session counts against `max_sessions`, in memory or only on disk (restored after a
+  restart, or idle), and against its client's share of them (`client_share` of the total;
+  the client is the peer's IP address): over the share is 429 `client_quota`.
+- A session holds at most `max_session_tokens` tokens however they arrived: prompt, turns,
+  verified drafts, a fork's forced token. A request that would pass it is 413 `session_full`.
+- Caches in memory are bounded by `max_live_sessions` and `max_kv_bytes` (503: the server is
+  busy, the request itself is fine) and by the client's share of the KV memory (429). They
+  apply when a session gets its caches: at creation, at a fork, and at its first use after a
+  restart or an eviction. KV shared by forks is charged once, for as long as any session holds it.
+- A session idle for `session_idle_s` loses its caches (its transcript stays: the next use
+  rebuilds them exactly); one unused for `session_ttl_s` is deleted with its transcript.
+A request that can never succeed because of its own size (prompt over the token limit) is 413.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +97,19 @@ class TooManySessions(SessionError):
     status, code = 503, "too_many_sessions"
 
 
+class ClientQuota(SessionError):
+    status, code = 429, "client_quota"
+
+
+class SessionFull(SessionError):
+    status, code = 413, "session_full"
+
+
+class BadDraft(SessionError):
+    """A draft no page of this model can send (a token id past the vocabulary): a bad frame."""
+    status, code = 422, "bad_frame"
+
+
 class KVMemoryFull(SessionError):
     status, code = 503, "kv_memory_full"
 
@@ -136,6 +158,7 @@ class Segment:
 class Session:
     id: str
     token: str
+    client: str = ""  # who created it (an IP address): its quota counts the session
     caches: Caches = field(default_factory=Caches)
     messages: list[dict] = field(default_factory=list)
     holo_end: int = 0  # end of the last hologram sent: the next delta starts here
@@ -185,7 +208,9 @@ class SessionStore:
         self._live = 0  # sessions holding caches
         self._kv_tokens = 0  # sessions' own reservations
         self._charges: weakref.WeakSet[Charge] = weakref.WeakSet()  # shared runs some cache still holds
-        self._lock = threading.Lock()  # guards _sessions, _live, _kv_tokens, _charges; taken after a session lock
+        self._per_client: Counter[str] = Counter()  # sessions, restored ones included
+        self._client_tokens: Counter[str] = Counter()  # their own KV reservations
+        self._lock = threading.Lock()  # guards the fields above; taken after a session lock
         self.transcripts = TranscriptDir(settings.sessions_path())
         for t in self.transcripts.load_all():
             self._index(t)
@@ -201,13 +226,13 @@ class SessionStore:
     def _charged_tokens(self) -> int:
         return self._kv_tokens + sum(c.tokens for c in list(self._charges))
 
-    def create(self, messages: list[dict]) -> Session:
+    def create(self, messages: list[dict], client: str = "") -> Session:
         ids = self.anchor.lm.chat_ids(messages)
         self._check_prompt(len(ids), "the prompt")
-        session = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), messages=list(messages))
+        self.sweep()
+        session = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), client=client, messages=list(messages))
         with self._lock:
-            self._admit(session, len(ids))
-            self._sessions[session.id] = session
+            self._add(session, len(ids))
         # No lock needed: nobody else can reach the session before its token is returned.
         try:
             self.anchor.prefill(session.caches, ids)
@@ -218,6 +243,10 @@ class SessionStore:
             raise
         self._save(session)
         return session
+
+    def exists(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
 
     def get(self, session_id: str, token: str | None) -> Session:
         """The session, if it exists (404) and `token` is its token (401 when absent, 403 when wrong)."""
@@ -242,7 +271,34 @@ class SessionStore:
             session.last_used = time.time()
             if wake and session.caches.anchor is None:
                 self._wake(session)
-            yield session
+            try:
+                yield session
+            finally:
+                session.last_used = time.time()  # idle time counts from the end of the last request
+
+    def sweep(self, now: float | None = None) -> tuple[int, int]:
+        """Drop the caches of sessions idle for `session_idle_s` and delete the ones unused for
+        `session_ttl_s`; (evicted, expired). A session in use (its lock held) is left alone."""
+        now = time.time() if now is None else now
+        with self._lock:
+            sessions = list(self._sessions.values())
+        evicted = expired = 0
+        for s in sessions:
+            idle = now - s.last_used
+            if idle < self.settings.session_idle_s or not s.lock.acquire(blocking=False):
+                continue
+            try:
+                if s.closed:
+                    continue
+                if idle >= self.settings.session_ttl_s:
+                    self.delete(s)
+                    expired += 1
+                elif s.caches.anchor is not None and s.saved is not None:
+                    self._restore(s, s.saved)  # what is on disk is what it holds: rebuilt exactly on use
+                    evicted += 1
+            finally:
+                s.lock.release()
+        return evicted, expired
 
     def hologram(self, session: Session, start: int = 0) -> Segment:
         """The hologram of KV positions [start, end): from 0 the whole conversation, else a delta
@@ -275,7 +331,7 @@ class SessionStore:
             ids, messages = self._after_synced_answer(session, messages)
         else:
             ids = self._extending(session, messages)
-        self._check_prompt(len(ids), "the conversation")
+        self._check_prompt(len(ids) - session.n_tokens, "the new turn")
         with self._lock:
             self._reserve(session, len(ids))
         try:
@@ -337,7 +393,7 @@ class SessionStore:
                              f"{session.n_tokens} tokens: say hello again to catch up")
         vocab = self.anchor.lm.config.vocab_size
         if any(t >= vocab for t in tokens):
-            raise StaleDraft(f"token ids must be below the vocabulary size {vocab}")
+            raise BadDraft(f"token ids must be below the vocabulary size {vocab}")
         with self._lock:
             self._reserve(session, session.n_tokens + len(tokens) + 1)
         try:
@@ -392,7 +448,7 @@ class SessionStore:
         return dropped
 
     def fork(self, parent: Session, name: str, token: int | None = None, temperature: float | None = None,
-             seed: int | None = None) -> Session:
+             seed: int | None = None, client: str = "") -> Session:
         """A new session from the parent's checkpoint `name`, its KV prefix shared copy-on-write.
 
         The fork's first confirmed token is `token` if given; its sampling is the parent's unless
@@ -408,6 +464,9 @@ class SessionStore:
             sampling = (base[0] if temperature is None else temperature, base[1] if seed is None else seed)
             if seed is not None and sampling[0] == 0:
                 raise InvalidRequest("a seed only changes sampled decoding: give a temperature above 0 too")
+        self.sweep()
+        with self._lock:  # before the parent's prefix is frozen for a fork that may not be admitted
+            self._check_count(client)
         charge = Charge()
         caches, frozen = self.anchor.branch(parent.caches, c.position, charge)
         with self._lock:  # the parent's own positions just frozen are now the shared runs' charge
@@ -416,13 +475,12 @@ class SessionStore:
                 parent.reserved_tokens -= frozen
                 self._kv_tokens -= frozen
                 self._charges.add(charge)
-        child = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), caches=caches,
+        child = Session(secrets.token_urlsafe(12), secrets.token_urlsafe(32), client=client, caches=caches,
                         messages=parent.messages[:c.n_messages], chain_base=c.chain_base, sampling=sampling,
                         holo_end=min(parent.holo_end, c.position - 1),
                         checkpoints={k: v for k, v in parent.checkpoints.items() if v.position <= c.position})
         with self._lock:
-            self._admit(child, c.position + (token is not None))
-            self._sessions[child.id] = child
+            self._add(child, c.position + (token is not None))
         try:
             if token is not None:
                 self.anchor.prefill(child.caches, [token])
@@ -442,17 +500,38 @@ class SessionStore:
         if n > limit:
             raise PromptTooLong(f"{what} is {n} tokens; the limit per session is {limit}")
 
+    def _client_limit(self, total: int) -> int:
+        return max(1, int(total * self.settings.client_share))
+
+    def _check_count(self, client: str) -> None:
+        """Room for one more session, and in its client's share; callers hold the store's lock."""
+        if len(self._sessions) >= self.settings.max_sessions:
+            raise TooManySessions(f"the server keeps its limit of {self.settings.max_sessions} sessions; "
+                                  "retry after other sessions are deleted or expire")
+        if self._per_client[client] >= (limit := self._client_limit(self.settings.max_sessions)):
+            raise ClientQuota(f"one client keeps at most {limit} sessions; delete some of yours first")
+
+    def _add(self, session: Session, n_tokens: int) -> None:
+        """Count a new session and hold memory for its caches over `n_tokens`; callers hold the store's lock."""
+        self._check_count(session.client)
+        self._admit(session, n_tokens)
+        self._sessions[session.id] = session
+        self._per_client[session.client] += 1
+
     def _admit(self, session: Session, n_tokens: int) -> None:
         """Hold memory for the session's caches over `n_tokens`; 503 when the server is full.
         Callers hold the store's lock."""
-        if not session.admitted and self._live >= self.settings.max_sessions:
-            raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions in "
-                                  "memory; retry after other sessions are deleted")
+        if not session.admitted and self._live >= self.settings.max_live_sessions:
+            raise TooManySessions(f"the server holds its limit of {self.settings.max_live_sessions} sessions in "
+                                  "memory; retry in a while")
         self._reserve(session, n_tokens)
 
     def _reserve(self, session: Session, n_tokens: int) -> None:
         """Hold memory for `n_tokens` positions of the session's caches, past the frozen runs it
         holds (those are charged already). Callers hold the store's lock."""
+        if n_tokens > self.settings.max_session_tokens:
+            raise SessionFull(f"the session would hold {n_tokens} tokens; a session holds at most "
+                              f"{self.settings.max_session_tokens}: start a new one")
         anchor = session.caches.anchor
         own = n_tokens - (anchor.frozen_tokens if anchor is not None else 0)
         extra = own - session.reserved_tokens
@@ -461,9 +540,14 @@ class SessionStore:
             raise KVMemoryFull(f"{n_tokens} tokens need {extra * self.kv_bytes_per_token} more bytes of KV "
                                f"memory; {self.kv_bytes} of {self.settings.max_kv_bytes} bytes are in use; "
                                "retry after other sessions are deleted")
+        share = self._client_limit(self.settings.max_kv_bytes)
+        if extra > 0 and (self._client_tokens[session.client] + extra) * self.kv_bytes_per_token > share:
+            raise ClientQuota(f"{n_tokens} tokens would take this client past its {share} bytes of KV memory; "
+                              "delete some of its sessions first")
         self._live += not session.admitted
         session.admitted = True
         self._kv_tokens += extra
+        self._client_tokens[session.client] += extra
         session.reserved_tokens = own
 
     def _release(self, session: Session) -> None:
@@ -471,6 +555,7 @@ class SessionStore:
         callers hold the store's lock."""
         self._live -= session.admitted
         self._kv_tokens -= session.reserved_tokens
+        self._client_tokens[session.client] -= session.reserved_tokens
         session.reserved_tokens, session.admitted = 0, False
 
     def _index(self, t: Transcript) -> None:
@@ -484,9 +569,10 @@ class SessionStore:
         if why:
             log.warning("skipping the transcript of session %s: %s", t.id, why)
             return
-        session = Session(t.id, t.token, created=t.created)
+        session = Session(t.id, t.token, client=t.client, created=t.created, last_used=t.last_used or t.created)
         self._restore(session, t)
         self._sessions[t.id] = session
+        self._per_client[t.client] += 1
 
     def _restore(self, session: Session, t: Transcript) -> None:
         """Make the session what its transcript says, without caches: `use` rebuilds them."""
@@ -526,7 +612,8 @@ class SessionStore:
         t = Transcript(id=session.id, token=session.token, model_id=self.anchor.lm.model_id,
                        messages=session.messages, ids=list(c.ids), pending=c.pending is not None,
                        chain_base=session.chain_base, sampling=session.sampling, holo_end=session.holo_end,
-                       created=session.created, checkpoints=list(session.checkpoints.values()))
+                       created=session.created, checkpoints=list(session.checkpoints.values()),
+                       client=session.client, last_used=time.time())
         try:
             self.transcripts.save(t)
         except OSError as e:
@@ -551,3 +638,4 @@ class SessionStore:
         with self._lock:
             if self._sessions.pop(session.id, None) is session:
                 self._release(session)
+                self._per_client[session.client] -= 1

@@ -54,6 +54,8 @@ class Transcript(BaseModel):
     holo_end: int = Field(ge=0)
     created: float
     checkpoints: list[Checkpoint] = []  # in creation order; all on the current trail (positions <= len(ids))
+    client: str = Field("", max_length=64)  # the IP address that created it: its quota counts the session
+    last_used: float = 0.0  # when it was last saved; 0 in older transcripts (then `created` counts)
 
     @model_validator(mode="after")
     def _consistent(self) -> Transcript:

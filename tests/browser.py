@@ -15,6 +15,8 @@ from pathlib import Path
 
 import uvicorn
 
+from server.serving import server_options
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--enable-unsafe-webgpu", "--enable-features=Vulkan",
                  "--use-vulkan=swiftshader", "--use-angle=swiftshader"]
@@ -31,7 +33,7 @@ def serve(app, port: int = 0):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted anchor takes the same port
     sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120  # the lifespan may build a model pack first

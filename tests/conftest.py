@@ -90,17 +90,17 @@ def tiny_anchor(tiny):
 def make_client(tiny_anchor, tmp_path):
     """HTTP clients of the app on the tiny anchor (lifespan run). Each app starts without
     transcripts; they share one memories directory, so a second one sees the first's memories."""
-    from fastapi.testclient import TestClient
+    from tests.app_client import app_client
 
     from server.app import create_app
     from server.config import Settings
     clients = []
 
-    def make(**settings) -> TestClient:
+    def make(**settings):
         sessions = tmp_path / f"sessions-{len(clients)}"
         app = create_app(Settings(sessions_dir=str(sessions), memories_dir=str(tmp_path / "memories"), **settings),
                          tiny_anchor)
-        client = TestClient(app).__enter__()
+        client = app_client(app).__enter__()
         clients.append(client)
         return client
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgpack
-from fastapi.testclient import TestClient
 
 from protocol import frames
 from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
+from tests.app_client import app_client
 
 
-def client_for(anchor: Anchor, sessions: Path) -> TestClient:
-    return TestClient(create_app(Settings(sessions_dir=str(sessions)), anchor))
+def client_for(anchor: Anchor, sessions: Path):
+    return app_client(create_app(Settings(sessions_dir=str(sessions)), anchor))
 
 
 def create(client, messages: list[dict]) -> tuple[dict, dict]:

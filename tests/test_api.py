@@ -1,10 +1,10 @@
 import pytest
-from fastapi.testclient import TestClient
 
 from protocol import frames
 from protocol.holo import content_hash, load_hologram
 from server.app import create_app
 from server.config import Settings
+from tests.app_client import app_client
 from tests.http_errors import assert_error
 
 USER = [{"role": "user", "content": "What does the anchor keep?"}]
@@ -175,7 +175,7 @@ def test_prompt_token_limit_413(make_client, tiny_anchor):
 
 
 def test_session_limit_503(make_client):
-    client = make_client(max_sessions=2)
+    client = make_client(max_sessions=2, client_share=1)
     first, auth = create(client)
     create(client)
     assert_error(client.post("/v1/sessions", json={"messages": USER}), 503, "too_many_sessions")
@@ -185,7 +185,7 @@ def test_session_limit_503(make_client):
 
 def test_kv_memory_limit_503(make_client, tiny_anchor):
     n = len(tiny_anchor.lm.chat_ids(USER))
-    client = make_client(max_kv_bytes=(n + 3) * tiny_anchor.kv_bytes_per_token())
+    client = make_client(max_kv_bytes=(n + 3) * tiny_anchor.kv_bytes_per_token(), client_share=1)
     body, auth = create(client)
     assert store(client).kv_bytes == n * tiny_anchor.kv_bytes_per_token()
     assert_error(client.post("/v1/sessions", json={"messages": USER}), 503, "kv_memory_full")
@@ -212,7 +212,7 @@ def test_body_size_limit_413(make_client):
 
 @pytest.mark.real_model
 def test_real_model_session(smollm_anchor, tmp_path):
-    with TestClient(create_app(Settings(sessions_dir=str(tmp_path)), smollm_anchor)) as client:
+    with app_client(create_app(Settings(sessions_dir=str(tmp_path)), smollm_anchor)) as client:
         body, auth = create(client, [{"role": "user", "content": "Name a colour."}])
         r = client.get(body["hologram_url"], headers=auth)
         assert r.status_code == 200

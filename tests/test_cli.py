@@ -7,6 +7,7 @@ import uvicorn
 
 from protocol.holo import Holo, load_hologram, save_hologram
 from server.cli import main
+from server.serving import server_options
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_serve_flags_override_env(monkeypatch, tiny_model_dir):
     monkeypatch.setenv("HPI_PORT", "9999")
     monkeypatch.setenv("HPI_HOST", "127.0.0.2")
     assert main(["serve", "--model", str(tiny_model_dir), "--port", "8123"]) == 0
-    assert calls == [{"host": "127.0.0.2", "port": 8123}]
+    assert calls == [{"host": "127.0.0.2", "port": 8123, **server_options()}]
 
 
 def test_serve_bad_model_or_codec(tmp_path, capsys):

@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from protocol import frames
 from protocol.holo import load_hologram
@@ -16,6 +15,7 @@ from server import completions
 from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
+from tests.app_client import app_client
 from tests.syncing import chain_of, send, sync_answer
 
 MESSAGES = [{"role": "user", "content": "What survives a restart?"}]
@@ -26,9 +26,9 @@ def anchor(tiny):
     return Anchor(tiny)
 
 
-def anchor_app(anchor: Anchor, sessions: Path, **limits) -> TestClient:
+def anchor_app(anchor: Anchor, sessions: Path, **limits):
     """An anchor app with a fresh session store on `sessions`: a restart, as far as sessions go."""
-    return TestClient(create_app(Settings(sessions_dir=str(sessions), **limits), anchor))
+    return app_client(create_app(Settings(sessions_dir=str(sessions), **limits), anchor))
 
 
 def create(client) -> tuple[dict, dict]:
@@ -126,7 +126,7 @@ def test_bad_transcripts_are_reported_and_skipped(anchor, tmp_path, caplog):
 def test_limits_apply_when_a_restored_session_is_rebuilt(anchor, tmp_path):
     with anchor_app(anchor, tmp_path) as before:
         body, auth = create(before)
-    with anchor_app(anchor, tmp_path, max_sessions=1) as after:
+    with anchor_app(anchor, tmp_path, max_live_sessions=1) as after:
         other, other_auth = create(after)  # a restored session holds no memory until it is used
         r = after.get(body["hologram_url"], headers=auth)
         assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_sessions"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from protocol import frames
 from server import completions
 from server.anchor import Anchor
 from server.app import create_app
 from server.config import Settings
+from tests.app_client import app_client
 from tests.syncing import chain_of, send
 
 MESSAGES = [{"role": "user", "content": "Tell me about the reconciliation channel."}]
@@ -19,7 +20,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about the reconciliation channe
 @pytest.fixture(scope="module")
 def client(tiny, tmp_path_factory):
     settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("sessions")))
-    with TestClient(create_app(settings, Anchor(tiny))) as c:
+    with app_client(create_app(settings, Anchor(tiny))) as c:
         yield c
 
 
@@ -90,7 +91,7 @@ def test_bad_frames_get_error_frames_and_the_session_survives(client, tiny):
         ws.send_text("hello")
         assert msgpack.unpackb(ws.receive_bytes())["code"] == "bad_frame"
         big = send(ws, type="draft", position=len(prompt), chain=frames.GENESIS, tokens=[1 << 30])
-        assert big["code"] == "stale_draft" and "vocabulary" in big["message"]
+        assert big["code"] == "bad_frame" and "vocabulary" in big["message"]
         ok = send(ws, type="draft", position=len(prompt), chain=frames.GENESIS, tokens=[1])
         assert ok["type"] in ("ack", "correction")
         other = send(ws, type="hello", token=s["token"], position=len(prompt), chain=frames.GENESIS,
@@ -103,8 +104,9 @@ def test_a_wrong_token_closes_the_channel(client):
     with client.websocket_connect(f"/v1/sessions/{s['session_id']}/sync") as ws:
         e = send(ws, type="hello", token="wrong", position=0, chain=frames.GENESIS)
         assert e["code"] == "forbidden"
-    with client.websocket_connect("/v1/sessions/nope/sync") as ws:
-        assert send(ws, type="hello", token="x", position=0, chain=frames.GENESIS)["code"] == "session_not_found"
+    with pytest.raises(WebSocketDisconnect) as refused:  # an unknown session is refused before the channel opens
+        client.websocket_connect("/v1/sessions/nope/sync").__enter__()
+    assert refused.value.code == 1008 and refused.value.reason == "session_not_found"
 
 
 def test_metrics_count_passes_and_verdicts(client, tiny):

@@ -1,0 +1,170 @@
+"""The ASGI layers in front of the anchor's routes: who may reach it, how big a body may be,
+and what an unexpected failure looks like.
+
+- `OriginPolicy`: the `Host` header must name a trusted host, so a DNS-rebinding page (whose
+  requests carry its own host name) cannot reach the anonymous APIs; a request or websocket
+  that carries an `Origin` must come from the same origin or an allowed one; `/metrics` and
+  the API docs can be kept to loopback clients.
+- `BodyLimit`: at most `limit` bytes of any request body are read, whatever it claims.
+- `InternalErrors`: an unexpected exception is logged and answered with a JSON 500 that
+  carries no exception text, and the keep-alive connection stays usable (an exception that
+  escaped to the server would make it drop the connection).
+
+Every refusal is JSON `{"error": {"code", "message"}}`, like every other error of the API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from urllib.parse import urlsplit
+
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+METRICS_PATH = "/metrics"
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _headers(scope) -> dict[bytes, bytes]:
+    return dict(scope["headers"])
+
+
+async def _refuse(scope, receive, send, status: int, code: str, message: str) -> None:
+    """An HTTP error, or for a websocket a close before accepting (the client sees HTTP 403)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": code})
+        return
+    await error_response(status, code, message)(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The host of a `Host` header or of an origin's netloc, lower case, without the port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal keeps its brackets
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+def is_loopback(client) -> bool:
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class OriginPolicy:
+    def __init__(self, app, allowed_hosts: list[str], allowed_origins: list[str], private_metrics: bool,
+                 private_docs: bool):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {h.lower() for h in allowed_hosts}
+        self.any_origin = "*" in allowed_origins
+        self.origins = {o.lower().rstrip("/") for o in allowed_origins}
+        self.private = ((METRICS_PATH,) if private_metrics else ()) + (DOCS_PATHS if private_docs else ())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = _headers(scope)
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.any_host and host_name(host) not in self.hosts:
+            return await _refuse(scope, receive, send, 421, "untrusted_host",
+                                 "this anchor does not answer for that host name (see HPI_ALLOWED_HOSTS)")
+        origin = headers.get(b"origin")
+        if origin is not None and not self._origin_ok(origin.decode("latin-1"), host):
+            return await _refuse(scope, receive, send, 403, "origin_not_allowed",
+                                 "requests from that origin are not allowed (see HPI_ALLOWED_ORIGINS)")
+        if scope["path"] in self.private and not is_loopback(scope.get("client")):
+            return await _refuse(scope, receive, send, 404, "not_found", "Not Found")
+        return await self.app(scope, receive, send)
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if self.any_origin or origin in self.origins:
+            return True
+        netloc = urlsplit(origin).netloc
+        return bool(netloc) and netloc == host.strip().lower()  # the page's own origin
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes, whatever Content-Length claims.
+
+    The body is read here (at most `limit` bytes are buffered) and replayed to the app, so a
+    chunked or mislabelled upload cannot make an endpoint read more.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _headers(scope).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await self._reply(scope, receive, send, 400, "bad_request", "invalid Content-Length")
+            if int(declared) > self.limit:
+                return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        await self._reply(scope, receive, send, 413, "body_too_large",
+                          f"the request body exceeds the limit of {self.limit} bytes")
+
+    @staticmethod
+    async def _reply(scope, receive, send, status, code, message):
+        await error_response(status, code, message, {"Connection": "close"})(scope, receive, send)
+
+
+class InternalErrors:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, "internal_error",
+                                     "the anchor failed to answer this request; the failure is logged")(
+                    scope, receive, send)
