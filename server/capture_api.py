@@ -282,7 +282,8 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
             ids = context_ids(request, body, creds)
         u, entries = vectors(lm, ids, body, spec)
         col, vector_ids = store.add(body.collection, u, [{"label": body.label, **e} for e in entries], spec,
-                                    body.curvature, body.scale, body.center, owner=owner, create=create)
+                                    body.curvature, body.scale, body.center, owner=owner, create=create,
+                                    client=request.client.host if request.client else "")
         out = {"collection": col.name, "added": len(vector_ids), "ids": vector_ids, **describe(col)}
         if issued:
             out["owner_token"] = issued

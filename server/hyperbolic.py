@@ -32,7 +32,8 @@ and |v - w| <= |v| + |w|) far below float64's largest number.
 Collections belong to an owner (an owner id, server/owners.py) and are keyed by (owner, name):
 owners never see, reach or collide with each other's collections, and a collection of another
 owner is answered exactly like a missing one. The store holds at most `max_bytes` of vectors,
-and one owner at most 1/OWNER_SHARE of that, so no single owner can fill it for everyone.
+and one owner at most 1/OWNER_SHARE of that, so no single owner can fill it for everyone; nor
+one client (IP address), which could take any number of owner tokens.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Collection:
     directions: np.ndarray  # [N, D] float64: v / |v| (0 where v = 0); far out, angles need every digit
     norms: np.ndarray  # [N] float64: |v|
     entries: list[dict] = field(default_factory=list)  # caller's metadata per vector
+    client: str = ""  # who created it (an IP address): owner tokens are free, so its share counts too
 
     @property
     def c(self) -> float:
@@ -205,7 +207,7 @@ class StateStore:
 
     def add(self, name: str, u: np.ndarray, entries: list[dict], spec: dict, curvature: float | None = None,
             scale: float | None = None, center: bool | None = None, *, owner: str = "",
-            create: bool = True) -> tuple[Collection, list[int]]:
+            create: bool = True, client: str = "") -> tuple[Collection, list[int]]:
         """Add state vectors u [N, D] with one metadata entry each to the owner's collection `name`;
         return the collection and the vectors' ids (positions in it, also put in their entries as
         "id"). The first batch creates the collection (unless `create` is false: 403) with
@@ -228,6 +230,7 @@ class StateStore:
                                                        "cannot create one: a new collection needs an owner token, "
                                                        "or its session's token with the session as context")
                 col = self._create(name, u, spec, -1.0 if curvature is None else curvature, scale, bool(center))
+                col.client = client
             else:
                 self._check_matches(col, u, spec, curvature, scale, center)
             added = u.shape[0] * (u.shape[1] + 1) * 8  # a direction and a norm, float64
@@ -252,6 +255,11 @@ class StateStore:
             raise StoreError(413, "store_full", f"adding these vectors needs {added} bytes; this owner's "
                                                 f"collections hold {held} of the {share} one owner may hold; "
                                                 "delete collections first")
+        by_client = sum(c.nbytes for c in self._collections.values() if c.client == col.client)
+        if col.client and by_client + added > share:  # in-process callers name no client
+            raise StoreError(429, "client_quota", f"adding these vectors needs {added} bytes; collections created "
+                                                  f"from this client's address hold {by_client} of the {share} one "
+                                                  "client may hold, whatever its owner tokens; delete some first")
         if self.nbytes + added > self.max_bytes:
             raise StoreError(503, "store_full", f"adding these vectors needs {added} bytes, more than is left of "
                                                 f"the store's {self.max_bytes}; try again later")

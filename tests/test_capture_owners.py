@@ -81,3 +81,16 @@ def test_owner_errors_are_json_in_an_app_without_the_anchors_handlers():
         assert_error(c.get("/v1/capture/collections", headers=bearer("hpo_x")), 403, "forbidden")
         token = Owners(b"k" * 32).issue()
         assert c.get("/v1/capture/collections", headers=bearer(token)).json()["collections"] == []
+
+
+def test_one_client_cannot_fill_the_store_with_many_owner_tokens(make_client, tiny):
+    d = tiny.config.hidden_size
+    per_vector = (d + 1) * 8
+    client = make_client(capture_store_bytes=4 * 3 * per_vector)  # one client's share: 3 vectors
+    body = {"text": "Shopping: bread.", "layer": 1, "pool": "mean"}
+    for i in range(3):  # a fresh owner token each time
+        r = client.post("/v1/capture/store", json={**body, "collection": f"c{i}"})
+        assert r.status_code == 200, r.text
+    assert_error(client.post("/v1/capture/store", json={**body, "collection": "c3"}), 429, "client_quota")
+    other = client.__class__(client.app, base_url="http://localhost", client=("10.0.0.7", 1))
+    assert other.post("/v1/capture/store", json={**body, "collection": "c3"}).status_code == 200
