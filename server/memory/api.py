@@ -1,26 +1,42 @@
 """HTTP endpoints of the memory service, under /v1/memories (an APIRouter for server/app.py).
 
+A memory belongs to whoever created it. Creating one issues an owner token, returned once
+as `owner_token` (a create that already carries `Authorization: Bearer <owner token>` adds
+the memory to that owner instead, so one client keeps its memories under one token). Every
+other endpoint needs the token and sees only its owner's memories: names are per owner,
+and another owner's memory is answered exactly like a missing one.
+
 Text goes through the anchor model's tokenizer; token ids can be given directly. Errors
-use the anchor's format `{"error": {"code", "message"}}`: unknown memory 404, empty or
-too-short input 422, a learn batch over `max_learn_tokens` 413, a corrupted file 409.
+use the anchor's format `{"error": {"code", "message"}}`: no owner token 401, a token the
+anchor did not issue 403, unknown memory 404, empty or too-short input 422, a learn batch
+over `max_learn_tokens` 413, a memory (or a learn) over its byte budget 413, an owner's
+memory count over its limit 429, no room left on the server 503, a corrupted file 409.
+Anything unexpected is a 500 whose message names no exception: its text is only logged.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.config import Settings
-from server.owners import Owners
+from server.memory import budget
 from server.memory.dreaming import dream
 from server.memory.registry import MemoryServiceError, Registry
-from server.memory.store import PATHS, Config, Memory
+from server.memory.store import PATHS, Config, InvalidInput, Memory
+from server.owners import OwnerError, Owners, owner_id
+
+log = logging.getLogger(__name__)
 
 TokenId = Annotated[int, Field(ge=0, lt=1 << 20)]
+bearer = HTTPBearer(auto_error=False, description="the owner token returned by POST /v1/memories")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 class _Input(BaseModel):
@@ -76,13 +92,16 @@ class Dream(BaseModel):
     forget: float = Field(0.0, ge=0.0, le=64.0, description="φ-decay strength; 0 forgets nothing")
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def memory_router(settings: Settings, owners: Owners) -> APIRouter:
     registry = Registry(settings.memories_path(), settings.max_memories)
     router = APIRouter(prefix="/v1/memories", tags=["memories"])
+
+    def owner(creds: HTTPAuthorizationCredentials | None) -> str:
+        return owners.check(creds.credentials if creds else None)
 
     def tokenizer(request: Request):
         return request.app.state.anchor.lm.tokenizer
@@ -95,12 +114,20 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
         return np.array(body.tokens, np.int64)
 
     def run(fn):
+        """Answer fn's result, or its error. Only errors written for the client keep their message:
+        anything unexpected is logged and answered without it, so no exception text leaks."""
         try:
             return fn()
+        except OwnerError as e:
+            headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if e.status == 401 else None
+            return _error(e.status, e.code, str(e), headers)
         except MemoryServiceError as e:
             return _error(e.status, e.code, str(e))
-        except ValueError as e:  # the memory's own validation (token ids out of range, ...)
+        except InvalidInput as e:  # the memory's own validation (token ids out of range, ...)
             return _error(422, "invalid_request", str(e))
+        except Exception:
+            log.exception("memory request failed")
+            return _error(500, "internal_error", "the memory service failed to answer; the failure is logged")
 
     def contexts(mem: Memory, rows: list[np.ndarray]) -> np.ndarray:
         n = mem.config.context
@@ -114,47 +141,48 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
         return tokenizer(request).decode(ids)
 
     @router.get("")
-    def list_memories():
-        return {"memories": registry.names()}
+    def list_memories(creds: Credentials):
+        return run(lambda: {"memories": registry.names(owner(creds))})
 
     @router.post("", status_code=201)
-    def create(body: CreateMemory, request: Request):
+    def create(body: CreateMemory, request: Request, creds: Credentials):
         def go():
+            token = None if creds else owners.issue()
+            who = owner(creds) if creds else owner_id(token)
             vocab = body.vocab or len(tokenizer(request))
             config = Config(vocab=vocab, context=body.context, dim=body.dim, satellites=body.satellites or 0,
                             planned_patterns=body.planned_patterns, seed=body.seed)
-            registry.create(body.name, config)
-            return JSONResponse({"name": body.name, "config": config.as_dict()}, status_code=201)
+            registry.create(who, body.name, config)
+            out = {"name": body.name, "config": config.as_dict()}
+            if token:
+                out["owner_token"] = token
+            return JSONResponse(out, status_code=201)
         return run(go)
 
     @router.delete("/{name}", status_code=204, response_class=Response)
-    def delete(name: str):
-        return run(lambda: registry.delete(name) or Response(status_code=204))
+    def delete(name: str, creds: Credentials):
+        return run(lambda: registry.delete(owner(creds), name) or Response(status_code=204))
 
     @router.post("/{name}/learn")
-    def learn(name: str, body: Learn, request: Request):
+    def learn(name: str, body: Learn, request: Request, creds: Credentials):
         def go():
+            who = owner(creds)
             ids = ids_of(request, body)
             if len(ids) > settings.max_learn_tokens:
                 raise MemoryServiceError(413, "batch_too_large",
                                          f"{len(ids)} tokens; one learn call takes at most {settings.max_learn_tokens}")
             if not len(ids):
                 raise MemoryServiceError(422, "empty_batch", "nothing to learn")
-
-            def apply(mem: Memory) -> dict:
-                if len(ids) <= mem.config.context:
-                    raise MemoryServiceError(422, "too_short", f"{len(ids)} tokens make no sample for a context "
-                                             f"of {mem.config.context}: give at least {mem.config.context + 1}")
-                samples = mem.learn_sequence(ids)
-                return {"samples": samples, "patterns": mem.patterns}
-            return registry.change(name, apply)
+            samples, patterns = registry.learn(who, name, ids)
+            return {"samples": samples, "patterns": patterns}
         return run(go)
 
     @router.post("/{name}/query")
-    def query(name: str, body: Query, request: Request):
+    def query(name: str, body: Query, request: Request, creds: Credentials):
         def go():
+            who = owner(creds)
             rows = [np.array(b, np.int64) for b in body.batch] if body.batch is not None else [ids_of(request, body)]
-            with registry.use(name) as mem:
+            with registry.use(who, name) as mem:
                 pred = mem.predict(contexts(mem, rows), k=body.top_k)
             return {"results": [
                 {"path": PATHS[pred.path[i]],
@@ -164,27 +192,30 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
         return run(go)
 
     @router.post("/{name}/generate")
-    def generate(name: str, body: Generate, request: Request):
+    def generate(name: str, body: Generate, request: Request, creds: Credentials):
         def go():
+            who = owner(creds)
             if body.n_tokens > settings.max_new_tokens:
                 raise MemoryServiceError(422, "invalid_request", f"n_tokens is at most {settings.max_new_tokens}")
             ids = ids_of(request, body)
-            with registry.use(name) as mem:
+            with registry.use(who, name) as mem:
                 contexts(mem, [ids])
                 out, paths = mem.generate(ids.tolist(), body.n_tokens, body.sample, body.seed)
             return {"tokens": out, "text": decode(request, out), "paths": paths}
         return run(go)
 
     @router.post("/{name}/dream")
-    def dream_(name: str, body: Dream | None = None):
+    def dream_(name: str, creds: Credentials, body: Dream | None = None):
         forget = body.forget if body else 0.0
-        return run(lambda: registry.change(name, lambda mem: dream(mem, forget).as_dict()))
+        return run(lambda: registry.change(owner(creds), name, lambda mem: dream(mem, forget).as_dict()))
 
     @router.get("/{name}/stats")
-    def stats(name: str):
+    def stats(name: str, creds: Credentials):
         def go():
-            with registry.use(name) as mem:
-                return {"name": name, "config": mem.config.as_dict(), **mem.stats()}
+            with registry.use(owner(creds), name) as mem:
+                out = {"name": name, "config": mem.config.as_dict(), **mem.stats()}
+                out["bytes"] = budget.nbytes(mem.config, mem.episodic.bound())  # what the budgets count
+                return {**out, "max_bytes": registry.max_bytes}
         return run(go)
 
     return router

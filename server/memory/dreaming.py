@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.memory import clifford
-from server.memory.store import CANDIDATES, Memory, Prototypes
+from server.memory.store import CANDIDATES, InvalidInput, Memory, Prototypes
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DreamReport:
 
 def dream(mem: Memory, forget: float = 0.0) -> DreamReport:
     if forget < 0:
-        raise ValueError(f"forget must be ≥ 0, got {forget}")
+        raise InvalidInput(f"forget must be ≥ 0, got {forget}")
     ep = mem.episodic
     ep.compact()
     forgotten = _forget(mem, forget) if forget > 0 else 0
@@ -47,10 +47,12 @@ def dream(mem: Memory, forget: float = 0.0) -> DreamReport:
 
 def _forget(mem: Memory, k: float) -> int:
     ep = mem.episodic
+    if not len(ep.targets):  # the first row always starts a context: there must be one
+        return 0
     # Rows are sorted by context hash, so a context's rows are adjacent: per-context maxima.
     start = np.concatenate([[True], (ep.keys[1:] != ep.keys[:-1]) | (ep.contexts[1:] != ep.contexts[:-1]).any(1)])
     group = np.cumsum(start) - 1
-    peak = np.maximum.reduceat(ep.counts, np.flatnonzero(start)) if len(start) else ep.counts
+    peak = np.maximum.reduceat(ep.counts, np.flatnonzero(start))
     priority = ep.counts / peak[group]
     survival = clifford.PHI ** (-k * (1.0 - priority))
     rng = np.random.default_rng([mem.config.seed, mem.dreams])

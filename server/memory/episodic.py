@@ -48,6 +48,10 @@ class Episodic:
         self.compact()
         return len(self.targets)
 
+    def bound(self) -> int:
+        """Rows there will be after the next compaction, at most, without compacting."""
+        return len(self.targets) + sum(len(p[1]) for p in self._pending)
+
     def compact(self) -> None:
         """Merge the pending log into the sorted table, summing repeated (context, target) pairs."""
         if not self._pending:

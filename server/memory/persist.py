@@ -1,24 +1,30 @@
-"""Memories on disk: one `.holo` file each (kind `captured_state`, format `hpi.memory/1`).
+"""Memory snapshots on disk: one `.holo` file each (kind `captured_state`, format `hpi.memory/2`).
 
-A save writes the whole memory to a temporary file, syncs it, renames it over the old one
-and syncs the directory, so a crash leaves the previous file or the new one, never a mix.
-A load checks the container's SHA-256 first (protocol/holo.py) and then every array
-against the configuration, so a corrupted or hostile file is reported, never used.
+A snapshot is the whole memory; what it learned since is in its journal (journal.py). A
+snapshot's meta names its owner and memory name, so a file renamed or copied to another
+owner is refused, and a random snapshot id, which ties the journal to it. A save writes the
+whole memory to a temporary file, syncs it, renames it over the old one and syncs the
+directory, so a crash leaves the previous file or the new one, never a mix. A load checks
+the container's SHA-256 first (protocol/holo.py) and then every array against the
+configuration, so a corrupted or hostile file is reported, never used.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from protocol.holo import Holo, HoloError, load_hologram, save_hologram
+from protocol.holo import HEADER, Holo, HoloError, load_hologram, save_hologram
 from server.durable import write_atomic
 from server.memory import so4
 from server.memory.episodic import Episodic
 from server.memory.store import Config, Memory, Prototypes
 
-FORMAT = "hpi.memory/1"
+FORMAT = "hpi.memory/2"  # /1 had no owner, snapshot id or episode count
 KIND = "captured_state"
 
 
@@ -26,11 +32,19 @@ class CorruptMemory(ValueError):
     """A memory file failed its checksum or its consistency checks."""
 
 
-def to_holo(mem: Memory, name: str) -> Holo:
+class Stored(NamedTuple):
+    owner: str  # the owner id (server/owners.py); "" outside the service
+    name: str
+    snapshot: str  # hex id the journal's header repeats; "" when there is no journal
+    mem: Memory
+
+
+def to_holo(mem: Memory, name: str, owner: str = "", snapshot: str = "") -> Holo:
     ep, pr = mem.episodic, mem.prototypes
     ep.compact()
-    meta = {"format": FORMAT, "name": name, "config": mem.config.as_dict(), "patterns": mem.patterns,
-            "dreams": mem.dreams, "embeddings": so4.fingerprint(mem.emb)}
+    meta = {"format": FORMAT, "owner": owner, "name": name, "snapshot": snapshot, "config": mem.config.as_dict(),
+            "patterns": mem.patterns, "dreams": mem.dreams, "episodes": len(ep.targets),
+            "embeddings": so4.fingerprint(mem.emb)}
     tensors = {
         "satellites": mem.satellites,
         "load": mem.load.astype(np.uint32),
@@ -47,13 +61,14 @@ def to_holo(mem: Memory, name: str) -> Holo:
     return Holo(KIND, meta, tensors)
 
 
-def from_holo(holo: Holo) -> tuple[str, Memory]:
+def from_holo(holo: Holo) -> Stored:
     meta, t = holo.meta, holo.tensors
     if holo.kind != KIND or meta.get("format") != FORMAT:
         raise CorruptMemory(f"not a memory file (kind {holo.kind!r}, format {meta.get('format')!r})")
     try:
         config = Config(**meta["config"])
-        name, patterns, dreams = str(meta["name"]), int(meta["patterns"]), int(meta["dreams"])
+        owner, name, snapshot = str(meta["owner"]), str(meta["name"]), str(meta["snapshot"])
+        patterns, dreams, episodes = int(meta["patterns"]), int(meta["dreams"]), int(meta["episodes"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptMemory(f"bad memory metadata: {e}") from None
     c = config
@@ -71,7 +86,8 @@ def from_holo(holo: Holo) -> tuple[str, Memory]:
     n_ep, n_pr = len(t["episodic.targets"]), len(t["prototypes.witness"])
     offsets = t["prototypes.offsets"].astype(np.int64)
     checks = [
-        (len(t["episodic.contexts"]) == n_ep == len(t["episodic.counts"]), "episodic arrays differ in length"),
+        (episodes == len(t["episodic.contexts"]) == n_ep == len(t["episodic.counts"]),
+         "episodic arrays differ in length"),
         (_ids_ok(t["episodic.contexts"], c.vocab) and _ids_ok(t["episodic.targets"], c.vocab), "token id out of range"),
         (bool((t["episodic.counts"] > 0).all()), "an episode has count 0"),
         (len(t["prototypes.matrix"]) == n_pr and len(offsets) == n_pr + 1, "prototype arrays differ in length"),
@@ -92,23 +108,36 @@ def from_holo(holo: Holo) -> tuple[str, Memory]:
                  ep, protos, patterns, dreams)
     if so4.fingerprint(mem.emb) != meta.get("embeddings"):
         raise CorruptMemory("the token embeddings rebuilt from the seed differ from the saved ones")
-    return name, mem
+    return Stored(owner, name, snapshot, mem)
 
 
 def _ids_ok(a: np.ndarray, vocab: int) -> bool:
     return a.size == 0 or (int(a.min()) >= 0 and int(a.max()) < vocab)
 
 
-def save(mem: Memory, name: str, path: Path) -> int:
+def save(mem: Memory, name: str, path: Path, owner: str = "", snapshot: str = "") -> int:
     """Write the memory to `path` atomically and durably; returns the bytes written."""
-    data = save_hologram(to_holo(mem, name))
+    data = save_hologram(to_holo(mem, name, owner, snapshot))
     write_atomic(path, data)
     return len(data)
 
 
-def load(path: Path) -> tuple[str, Memory]:
+def load(path: Path) -> Stored:
     """Read a memory file; CorruptMemory says what is wrong with it."""
     try:
         return from_holo(load_hologram(path.read_bytes()))
     except HoloError as e:
         raise CorruptMemory(str(e)) from None
+
+
+def peek(path: Path) -> tuple[Config, int]:
+    """A snapshot's config and episode rows from its meta alone, unchecked: what the anchor
+    counts against its budget at start without reading every memory in full."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(HEADER.size)
+            meta_len = HEADER.unpack(head)[3]
+            meta = json.loads(f.read(meta_len))
+        return Config(**meta["config"]), int(meta["episodes"])
+    except (OSError, struct.error, ValueError, TypeError, KeyError) as e:
+        raise CorruptMemory(f"unreadable memory metadata ({type(e).__name__})") from None

@@ -9,13 +9,17 @@ Retrieval tries, in order: the episodic cache (exact), the prototype of the quer
 cell (formed by dreaming; its targets are the candidates), holographic unbinding
 Cᵀ satellite[basin] scored against the embeddings, and the unigram prior. Every answer
 names the path that gave it. Everything is batched: B contexts at a time.
+
+Learning is deterministic: the same learns applied in the same order to the same state give
+bit-identical arrays (float32 sums in a fixed order; the episodic table merged into one
+canonical order whenever it is merged), which is what lets journal.py replay learns onto a
+snapshot. A memory owns its embedding tables, so deleting it frees them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -38,6 +42,10 @@ def default_satellites(dim: int, planned_patterns: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
+class InvalidInput(ValueError):
+    """A configuration or token ids the memory cannot take; the message is for the client."""
+
+
 @dataclass(frozen=True)
 class Config:
     vocab: int
@@ -51,17 +59,17 @@ class Config:
 
     def __post_init__(self):
         if not 1 <= self.context <= MAX_CONTEXT:
-            raise ValueError(f"context length must be 1 to {MAX_CONTEXT}, got {self.context}")
+            raise InvalidInput(f"context length must be 1 to {MAX_CONTEXT}, got {self.context}")
         if self.dim not in so4.DIMS:
-            raise ValueError(f"matrix size must be one of {so4.DIMS}, got {self.dim}")
+            raise InvalidInput(f"matrix size must be one of {so4.DIMS}, got {self.dim}")
         if not 1 <= self.vocab <= 1 << 20:
-            raise ValueError(f"vocabulary size must be 1 to {1 << 20}, got {self.vocab}")
+            raise InvalidInput(f"vocabulary size must be 1 to {1 << 20}, got {self.vocab}")
         if self.satellites == 0:
             object.__setattr__(self, "satellites", default_satellites(self.dim, self.planned_patterns))
         if not 1 <= self.satellites <= 1 << 22:
-            raise ValueError(f"satellites must be 1 to {1 << 22}, got {self.satellites}")
+            raise InvalidInput(f"satellites must be 1 to {1 << 22}, got {self.satellites}")
         if not (self.resolution > 0 and self.witness_resolution > 0):
-            raise ValueError("resolutions must be positive")
+            raise InvalidInput("resolutions must be positive")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +139,7 @@ class Memory:
 
     def __post_init__(self):
         c = self.config
+        # Each memory owns its tables, so they are freed with it (budget.py counts them per memory).
         self.emb, self._emb_flat = _embedding_tables(c.vocab, c.dim, c.seed)
         self._prior = self._seen_tokens = None  # caches, dropped whenever the counts change
         if self.satellites is None:
@@ -155,7 +164,7 @@ class Memory:
 
     def check_ids(self, ids: np.ndarray) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab})")
+            raise InvalidInput(f"token ids must be in [0, {self.config.vocab})")
 
     def learn(self, contexts: np.ndarray, targets: np.ndarray) -> None:
         """(B, n) contexts, (B,) next tokens: bind each into its basin and cache it exactly."""
@@ -354,9 +363,8 @@ class Memory:
         }
 
 
-@lru_cache(maxsize=4)
 def _embedding_tables(vocab: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(V, d, d) float64 embeddings and their (V, d²) float32 rows, shared by memories alike."""
+    """(V, d, d) float64 embeddings and their (V, d²) float32 rows (read-only)."""
     emb = so4.embeddings(vocab, dim, seed)
     flat = emb.reshape(vocab, -1).astype(np.float32)
     emb.flags.writeable = flat.flags.writeable = False
