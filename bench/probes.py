@@ -155,21 +155,20 @@ def probe_memory(a: Anchor) -> list[tuple[str, str, str]]:
     rows.append(("memory", "create dim 16, 2^19 satellites",
                  f"{code_of(r)}; {time.monotonic() - t0:.2f} s, {a.cpu_s() - cpu0:.2f} CPU-s, "
                  f"peak +{a.peak_mib() - rss0:.0f} MiB"))
-    # the largest memory allowed: halve the satellites until it is accepted
-    sat = 524288
-    while True:
-        r = c.post("/v1/memories", json={"name": f"big{sat}", "dim": 16, "satellites": sat})
-        if r.status_code == 201 or sat == 1:
-            break
+    # the largest memory allowed at the default dim: halve the satellites until one is accepted
+    sat = 1 << 22
+    while (r := c.post("/v1/memories", json={"name": f"big{sat}", "satellites": sat})).status_code != 201:
+        if sat == 1:
+            return rows + [("memory", "largest memory allowed", code_of(r))]
         sat //= 2
     auth = {"Authorization": f"Bearer {r.json()['owner_token']}"}
     a.reset_peak()
     rss0, t0 = a.rss_mib(), time.monotonic()
     learn = c.post(f"/v1/memories/big{sat}/learn", headers=auth, json={"tokens": [1, 2, 3, 4, 5]})
-    rows.append(("memory", f"5-token learn on the largest allowed (2^{sat.bit_length() - 1} satellites)",
+    rows.append(("memory", f"5-token learn on the largest allowed (d 4, 2^{sat.bit_length() - 1} satellites)",
                  f"{code_of(learn)}; {1000 * (time.monotonic() - t0):.0f} ms, peak +{a.peak_mib() - rss0:.0f} MiB"))
     rss0 = a.rss_mib()
-    r = c.post("/v1/memories", json={"name": "wide", "vocab": 1 << 18}, headers=auth)
+    r = c.post("/v1/memories", json={"name": "wide", "vocab": 1 << 18, "satellites": 1024}, headers=auth)
     made = code_of(r)
     d = c.delete("/v1/memories/wide", headers=auth)
     rows.append(("memory", "vocab 2^18: create, delete", f"{made}, {d.status_code}; RSS after delete "

@@ -34,7 +34,7 @@ def test_memories_together_stay_within_the_total(make_client, monkeypatch):
     config = {"context": 2, "satellites": 4096, "vocab": 1000}
     one = budget.nbytes(Config(**config), 0)
     monkeypatch.setattr(budget, "MAX_TOTAL_BYTES", 2 * one + one // 2)
-    client = make_client()
+    client = make_client(client_share=1)  # one client here: the server's total is what is tested
     h = create(client, "a", **config)["auth"]
     create(client, "b", **config)  # another owner: the total is the server's
     r = client.post("/v1/memories", json={"name": "c", **config}, headers=h)

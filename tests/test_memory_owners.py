@@ -103,3 +103,22 @@ def test_files_carry_the_owner_and_ownerless_files_are_ignored(make_client, tmp_
         with registry.use("0" * 32, "notes"):
             pass
     assert e.value.code == "memory_corrupted" and "another memory" in str(e.value)
+
+
+def test_one_client_cannot_take_every_memory_with_many_owner_tokens(make_client):
+    client = make_client(max_memories=8, client_share=0.25)
+    for i in range(2):
+        create(client, name=f"m{i}")  # each with a fresh owner token
+    assert_error(client.post("/v1/memories", json={"name": "m2", "context": 2, "satellites": 4096}),
+                 429, "client_quota")
+    other = client.__class__(client.app, base_url="http://localhost", client=("10.0.0.9", 1))
+    create(other, name="m2")
+
+
+def test_a_clients_memories_are_counted_after_a_restart(make_client):
+    first = make_client(max_memories=8, client_share=0.25)
+    for i in range(2):
+        create(first, name=f"m{i}")
+    again = make_client(max_memories=8, client_share=0.25)  # same memories directory
+    assert_error(again.post("/v1/memories", json={"name": "m2", "context": 2, "satellites": 4096}),
+                 429, "client_quota")

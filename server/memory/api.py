@@ -97,7 +97,7 @@ def _error(status: int, code: str, message: str, headers: dict | None = None) ->
 
 
 def memory_router(settings: Settings, owners: Owners) -> APIRouter:
-    registry = Registry(settings.memories_path(), settings.max_memories)
+    registry = Registry(settings.memories_path(), settings.max_memories, settings.client_share)
     router = APIRouter(prefix="/v1/memories", tags=["memories"])
 
     def owner(creds: HTTPAuthorizationCredentials | None) -> str:
@@ -152,7 +152,7 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
             vocab = body.vocab or len(tokenizer(request))
             config = Config(vocab=vocab, context=body.context, dim=body.dim, satellites=body.satellites or 0,
                             planned_patterns=body.planned_patterns, seed=body.seed)
-            registry.create(who, body.name, config)
+            registry.create(who, body.name, config, request.client.host if request.client else "")
             out = {"name": body.name, "config": config.as_dict()}
             if token:
                 out["owner_token"] = token

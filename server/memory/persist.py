@@ -39,10 +39,11 @@ class Stored(NamedTuple):
     mem: Memory
 
 
-def to_holo(mem: Memory, name: str, owner: str = "", snapshot: str = "") -> Holo:
+def to_holo(mem: Memory, name: str, owner: str = "", snapshot: str = "", client: str = "") -> Holo:
     ep, pr = mem.episodic, mem.prototypes
     ep.compact()
-    meta = {"format": FORMAT, "owner": owner, "name": name, "snapshot": snapshot, "config": mem.config.as_dict(),
+    meta = {"format": FORMAT, "owner": owner, "client": client, "name": name, "snapshot": snapshot,
+            "config": mem.config.as_dict(),
             "patterns": mem.patterns, "dreams": mem.dreams, "episodes": len(ep.targets),
             "embeddings": so4.fingerprint(mem.emb)}
     tensors = {
@@ -115,9 +116,9 @@ def _ids_ok(a: np.ndarray, vocab: int) -> bool:
     return a.size == 0 or (int(a.min()) >= 0 and int(a.max()) < vocab)
 
 
-def save(mem: Memory, name: str, path: Path, owner: str = "", snapshot: str = "") -> int:
+def save(mem: Memory, name: str, path: Path, owner: str = "", snapshot: str = "", client: str = "") -> int:
     """Write the memory to `path` atomically and durably; returns the bytes written."""
-    data = save_hologram(to_holo(mem, name, owner, snapshot))
+    data = save_hologram(to_holo(mem, name, owner, snapshot, client))
     write_atomic(path, data)
     return len(data)
 
@@ -130,14 +131,14 @@ def load(path: Path) -> Stored:
         raise CorruptMemory(str(e)) from None
 
 
-def peek(path: Path) -> tuple[Config, int]:
-    """A snapshot's config and episode rows from its meta alone, unchecked: what the anchor
-    counts against its budget at start without reading every memory in full."""
+def peek(path: Path) -> tuple[Config, int, str]:
+    """A snapshot's config, episode rows and creating client from its meta alone, unchecked: what
+    the anchor counts against its budgets at start without reading every memory in full."""
     try:
         with path.open("rb") as f:
             head = f.read(HEADER.size)
             meta_len = HEADER.unpack(head)[3]
             meta = json.loads(f.read(meta_len))
-        return Config(**meta["config"]), int(meta["episodes"])
+        return Config(**meta["config"]), int(meta["episodes"]), str(meta.get("client", ""))
     except (OSError, struct.error, ValueError, TypeError, KeyError) as e:
         raise CorruptMemory(f"unreadable memory metadata ({type(e).__name__})") from None

@@ -17,7 +17,9 @@ Before anything is allocated, a memory's bytes are known from its config (budget
 create or a learn that would take one memory past its budget is refused (413), as is one
 that would take all memories past theirs (503, like a full server), and one owner holds at
 most `MAX_PER_OWNER` of the `max_memories`. The budgets count every memory on disk, loaded
-or not, so the registry reads the directory once at start: one anchor per directory.
+or not, so the registry reads the directory once at start: one anchor per directory. Owner
+tokens are free, so the client (IP address) that created a memory counts too: one client
+holds at most `client_share` of the memories and of their bytes (429), whatever its tokens.
 """
 
 from __future__ import annotations
@@ -67,15 +69,17 @@ def _unknown(name: str) -> MemoryServiceError:
 
 
 class Registry:
-    def __init__(self, path: Path, max_memories: int):
+    def __init__(self, path: Path, max_memories: int, client_share: float = 1.0):
         self.path = path
         self.max_memories = max_memories
+        self.client_share = client_share
         self.max_bytes, self.total_bytes = budget.MAX_MEMORY_BYTES, budget.MAX_TOTAL_BYTES
         self.per_owner = budget.MAX_PER_OWNER
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._loaded: dict[Key, _Open] = {}
         self._locks: dict[Key, threading.Lock] = {}
         self._charges: dict[Key, int] = {}  # every memory on disk: its bytes by budget.nbytes
+        self._clients: dict[Key, str] = {}  # who created it
         self._guard = threading.Lock()  # protects the dicts above and the budgets
         self._scan()
 
@@ -94,7 +98,7 @@ class Registry:
         for p in sorted(self.path.glob("*.holo")):
             m = FILE.match(p.name)
             if m:
-                self._charges[(m[1], m[2])] = self._charge_on_disk((m[1], m[2]))
+                self._charges[(m[1], m[2])], self._clients[(m[1], m[2])] = self._charge_on_disk((m[1], m[2]))
             else:
                 ownerless.append(p.name)
         if ownerless:
@@ -104,23 +108,24 @@ class Registry:
             if not j.with_suffix("").exists():
                 j.unlink()  # left by a delete cut short after its snapshot was gone
 
-    def _charge_on_disk(self, key: Key) -> int:
-        """Bytes of a memory not loaded: its snapshot's rows, plus a row per journaled token."""
+    def _charge_on_disk(self, key: Key) -> tuple[int, str]:
+        """Bytes of a memory not loaded (its snapshot's rows, plus a row per journaled token) and
+        the client that created it."""
         try:
-            config, rows = persist.peek(self.file(key))
+            config, rows, client = persist.peek(self.file(key))
         except persist.CorruptMemory:
-            return self.file(key).stat().st_size  # unusable until deleted: it holds its disk space
+            return self.file(key).stat().st_size, ""  # unusable until deleted: it holds its disk space
         try:
             journaled = max(0, self.journal_file(key).stat().st_size - journal.HEADER) // 4
         except FileNotFoundError:
             journaled = 0
-        return budget.nbytes(config, rows + journaled)
+        return budget.nbytes(config, rows + journaled), client
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def create(self, owner: str, name: str, config: Config) -> Memory:
+    def create(self, owner: str, name: str, config: Config, client: str = "") -> Memory:
         if not NAME.match(name):
             raise MemoryServiceError(422, "invalid_name", "a memory name is 1 to 64 of A-Z a-z 0-9 _ -")
         need = budget.nbytes(config, 0)
@@ -136,19 +141,24 @@ class Registry:
                 if sum(o == owner for o, _ in self._charges) >= self.per_owner:
                     raise MemoryServiceError(429, "owner_memory_limit",
                                              f"one owner may hold {self.per_owner} memories; delete one first")
+                if client and sum(c == client for c in self._clients.values()) >= self._client_count():
+                    raise MemoryServiceError(429, "client_quota", f"one client may hold {self._client_count()} "
+                                             "memories, whatever its owner tokens; delete one first")
                 if len(self._charges) >= self.max_memories:
                     raise MemoryServiceError(503, "too_many_memories",
                                              f"the server holds its limit of {self.max_memories} memories")
                 if self._total() + need > self.total_bytes:
                     raise MemoryServiceError(503, "memories_full",
                                              f"the server's memories have no room for {budget.mib(need)} more")
+                self._check_client_bytes(client, need)
                 self._charges[key] = need  # reserved before anything is allocated
+                self._clients[key] = client
             try:
                 mem = Memory(config)
                 self._loaded[key] = self._snapshot(key, mem)
             except BaseException:
                 with self._guard:
-                    del self._charges[key]
+                    del self._charges[key], self._clients[key]
                 self.file(key).unlink(missing_ok=True)
                 self.journal_file(key).unlink(missing_ok=True)
                 raise
@@ -213,10 +223,21 @@ class Registry:
             self.journal_file(key).unlink(missing_ok=True)
             self._loaded.pop(key, None)
             with self._guard:
-                del self._charges[key]
+                del self._charges[key], self._clients[key]
 
     def _total(self) -> int:
         return sum(self._charges.values())
+
+    def _client_count(self) -> int:
+        return max(1, int(self.max_memories * self.client_share))
+
+    def _check_client_bytes(self, client: str, extra: int) -> None:
+        """429 when `extra` more bytes would take the client past its share (under the guard)."""
+        share = int(self.total_bytes * self.client_share)
+        held = sum(self._charges[k] for k, c in self._clients.items() if c == client)
+        if client and held + extra > share:
+            raise MemoryServiceError(429, "client_quota", f"this client's memories would take "
+                                     f"{budget.mib(held + extra)}; one client may hold {budget.mib(share)}")
 
     def _grow(self, key: Key, mem: Memory, samples: int) -> None:
         """Count `samples` more episode rows against the budgets before they are learned."""
@@ -232,6 +253,7 @@ class Registry:
         with self._guard:
             if not self._fits_total(key, need):
                 raise MemoryServiceError(503, "memories_full", "the server's memories have no room for this learn")
+            self._check_client_bytes(self._clients[key], need - self._charges[key])
             self._charges[key] = need
 
     def _fits(self, key: Key, need: int) -> bool:
@@ -245,7 +267,8 @@ class Registry:
     def _snapshot(self, key: Key, mem: Memory) -> _Open:
         """Write the memory whole, then an empty journal for it."""
         sid = secrets.token_hex(journal.ID_BYTES)
-        size = persist.save(mem, key[1], self.file(key), owner=key[0], snapshot=sid)
+        size = persist.save(mem, key[1], self.file(key), owner=key[0], snapshot=sid,
+                            client=self._clients.get(key, ""))
         return _Open(mem, sid, size, journal.start(self.journal_file(key), sid))
 
     def _get(self, key: Key) -> _Open:
