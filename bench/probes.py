@@ -132,7 +132,8 @@ def probe_leak(a: Anchor) -> list[tuple[str, str, str]]:
                                                         "pool": "token", "layer": 3})
     stored = code_of(r) if r.status_code != 200 else f"200, {r.json()['added']} vectors"
     anon = client(a)
-    other = anon.post("/v1/capture/store", json={"text": "another owner's text", "collection": "theirs"}).json()
+    other = anon.post("/v1/capture/store", json={"text": "another owner's text", "collection": "theirs",
+                                                   "layer": 3}).json()
     b = {"Authorization": f"Bearer {other['owner_token']}"}
     listed = anon.get("/v1/capture/collections")
     seen_b = [x["name"] for x in anon.get("/v1/capture/collections", headers=b).json()["collections"]]
@@ -188,7 +189,10 @@ def probe_sessions(a: Anchor) -> list[tuple[str, str, str]]:
     other = client(a, "127.0.0.2").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
     rows = [("sessions", "one client creates sessions", f"{made} created, then {last}"),
             ("sessions", "another client (127.0.0.2) creates one", code_of(other))]
-    s = client(a, "127.0.0.3").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    r = client(a, "127.0.0.3").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
+    if r.status_code != 201:
+        return rows + [("sessions", "a third client (127.0.0.3) creates one", code_of(r))]
+    s = r.json()
     grown, reply = s["n_tokens"], {}
     with ws_client.connect(ws_url(a, s["session_id"])) as ws:
         frame(ws, v=1, type="hello", token=s["token"], position=grown, chain=GENESIS, temperature=0.0, seed=0)
@@ -313,8 +317,9 @@ def probe_errors(a: Anchor) -> list[tuple[str, str, str]]:
     dream, after = raw_requests(a, [("POST", "/v1/memories/e/dream", {"forget": 1}), ("GET", "/healthz", None)], auth)
     rows = [("errors", "dream forget=1 on an empty memory", f"{dream}; next request on the connection: {after}"),
             ("errors", "capture store with scale 1e308",
-             code_of(c.post("/v1/capture/store", json={"text": "a text", "collection": "c", "scale": 1e308})))]
-    store = c.post("/v1/capture/store", json={"text": "a text", "collection": "c2"}).json()
+             code_of(c.post("/v1/capture/store", json={"text": "a text", "collection": "c", "scale": 1e308,
+                                                       "layer": 3})))]
+    store = c.post("/v1/capture/store", json={"text": "a text", "collection": "c2", "layer": 3}).json()
     r = c.post("/v1/capture/search", headers={"Authorization": f"Bearer {store['owner_token']}"},
                json={"collection": "c2", "vector": [1e308] * store["dim"]})
     rows.append(("errors", "search with a 1e308 vector", code_of(r)))

@@ -28,7 +28,9 @@ Limits, so that no client can lock the others out (README, "Limits"):
 - A session holds at most `max_session_tokens` tokens however they arrived: prompt, turns,
   verified drafts, a fork's forced token. A request that would pass it is 413 `session_full`.
 - Caches in memory are bounded by `max_live_sessions` and `max_kv_bytes` (503: the server is
-  busy, the request itself is fine) and by the client's share of the KV memory (429). They
+  busy, the request itself is fine) and by the client's share of the KV memory (429) and of
+  the live sessions (past it, the client's least recently used idle session is evicted to
+  make room, so a client never locks itself out either). They
   apply when a session gets its caches: at creation, at a fork, and at its first use after a
   restart or an eviction. KV shared by forks is charged once, for as long as any session holds it.
 - A session idle for `session_idle_s` loses its caches (its transcript stays: the next use
@@ -210,6 +212,7 @@ class SessionStore:
         self._charges: weakref.WeakSet[Charge] = weakref.WeakSet()  # shared runs some cache still holds
         self._per_client: Counter[str] = Counter()  # sessions, restored ones included
         self._client_tokens: Counter[str] = Counter()  # their own KV reservations
+        self._client_live: Counter[str] = Counter()  # their sessions holding caches
         self._lock = threading.Lock()  # guards the fields above; taken after a session lock
         self.transcripts = TranscriptDir(settings.sessions_path())
         for t in self.transcripts.load_all():
@@ -294,7 +297,8 @@ class SessionStore:
                     self.delete(s)
                     expired += 1
                 elif s.caches.anchor is not None and s.saved is not None:
-                    self._restore(s, s.saved)  # what is on disk is what it holds: rebuilt exactly on use
+                    with self._lock:
+                        self._evict(s)
                     evicted += 1
             finally:
                 s.lock.release()
@@ -521,6 +525,9 @@ class SessionStore:
     def _admit(self, session: Session, n_tokens: int) -> None:
         """Hold memory for the session's caches over `n_tokens`; 503 when the server is full.
         Callers hold the store's lock."""
+        if not session.admitted and self._client_live[session.client] >= self._client_limit(
+                self.settings.max_live_sessions) and not self._evict_lru(session.client):
+            raise ClientQuota("every session this client holds in memory is in use; retry when one is done")
         if not session.admitted and self._live >= self.settings.max_live_sessions:
             raise TooManySessions(f"the server holds its limit of {self.settings.max_live_sessions} sessions in "
                                   "memory; retry in a while")
@@ -545,6 +552,7 @@ class SessionStore:
             raise ClientQuota(f"{n_tokens} tokens would take this client past its {share} bytes of KV memory; "
                               "delete some of its sessions first")
         self._live += not session.admitted
+        self._client_live[session.client] += not session.admitted
         session.admitted = True
         self._kv_tokens += extra
         self._client_tokens[session.client] += extra
@@ -554,9 +562,33 @@ class SessionStore:
         """Give back the session's own memory (shared runs go with the last cache holding them);
         callers hold the store's lock."""
         self._live -= session.admitted
+        self._client_live[session.client] -= session.admitted
         self._kv_tokens -= session.reserved_tokens
         self._client_tokens[session.client] -= session.reserved_tokens
         session.reserved_tokens, session.admitted = 0, False
+
+    def _evict_lru(self, client: str) -> bool:
+        """Evict the client's least recently used session not in use; whether one was. Callers
+        hold the store's lock (a session's lock is only tried, so the usual order cannot deadlock)."""
+        held = sorted((s for s in self._sessions.values() if s.client == client and s.admitted and s.saved),
+                      key=lambda s: s.last_used)
+        for s in held:
+            if s.lock.acquire(blocking=False):
+                try:
+                    if not s.closed:
+                        self._evict(s)
+                        return True
+                finally:
+                    s.lock.release()
+        return False
+
+    def _evict(self, session: Session) -> None:
+        """Drop the session's caches; what it holds is its saved transcript, so `use` rebuilds them
+        exactly. Callers hold the session's lock and the store's."""
+        c = session.caches
+        session.caches = Caches(ids=list(c.ids), pending=c.ids[-1] if c.pending is not None else None)
+        session.full = None
+        self._release(session)
 
     def _index(self, t: Transcript) -> None:
         """Restore a session from its transcript at startup, unless it belongs to another model."""

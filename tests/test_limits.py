@@ -48,6 +48,20 @@ def test_one_client_cannot_hold_every_session(make_client):
     create(other_client(client), USER)  # another client is not locked out
 
 
+def test_one_client_cannot_hold_every_live_session(make_client, tiny):
+    client = make_client(max_live_sessions=4, client_share=0.5)
+    st = client.app.state.store
+    first, auth = create(client, USER)
+    for _ in range(2):
+        create(client, USER)  # the third evicts the client's least recently used: it stays at its share
+    assert len(st) == 2 and st.get(first["session_id"], first["token"]).caches.anchor is None
+    for _ in range(2):
+        create(other_client(client), USER)  # the other client gets its share
+    assert len(st) == 4
+    r = client.get(first["hologram_url"], headers=auth)  # rebuilt on use, evicting another of its own
+    assert r.status_code == 200 and len(st) == 4
+
+
 def test_one_client_cannot_hold_every_kv_byte(make_client, tiny_anchor):
     n = len(tiny_anchor.lm.chat_ids(USER))
     client = make_client(max_kv_bytes=4 * n * tiny_anchor.kv_bytes_per_token(), client_share=0.5)

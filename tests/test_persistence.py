@@ -126,11 +126,13 @@ def test_bad_transcripts_are_reported_and_skipped(anchor, tmp_path, caplog):
 def test_limits_apply_when_a_restored_session_is_rebuilt(anchor, tmp_path):
     with anchor_app(anchor, tmp_path) as before:
         body, auth = create(before)
-    with anchor_app(anchor, tmp_path, max_live_sessions=1) as after:
-        other, other_auth = create(after)  # a restored session holds no memory until it is used
+    with anchor_app(anchor, tmp_path, max_live_sessions=1, client_share=1) as after:
+        # A restored session holds no memory until it is used; another client takes the only place.
+        elsewhere = app_client(after.app, client=("10.0.0.3", 5000))
+        other, other_auth = create(elsewhere)
         r = after.get(body["hologram_url"], headers=auth)
         assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_sessions"
-        after.delete(f"/v1/sessions/{other['session_id']}", headers=other_auth)
+        elsewhere.delete(f"/v1/sessions/{other['session_id']}", headers=other_auth)
         assert after.get(body["hologram_url"], headers=auth).status_code == 200
 
 
