@@ -2,7 +2,8 @@
 
 An anchor is started as its own process (`hpi serve`, the default model unless --model says
 otherwise) on 127.0.0.1 with a fresh data directory (the model pack is reused from the
-cache). Each probe is what an anonymous client did when the holes were found (2026-11-29):
+cache) and its default settings, but for max_session_tokens (512, so that one-token drafts
+reach it in seconds). Each probe is what an anonymous client did when the holes were found (2026-11-29):
 
   leak       a user stores their session's states (pool "token", a PIN in the text); an
              anonymous client and another owner list, search and delete
@@ -20,7 +21,7 @@ cache). Each probe is what an anonymous client did when the holes were found (20
 
 The anchor's RSS (and its peak, VmHWM) comes from /proc/PID/status.
 
-    python -m bench.probes [--model default] [--out docs/results/probes.json]
+    python -m bench.probes [--model default] [--out docs/results/probes.json]    # and docs/security.md
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 GENESIS = bytes(32)
 USER = [{"role": "user", "content": "Remember this for me: my PIN is 4711. What is a good way to keep it safe?"}]
 MiB = 1 << 20
+SESSION_TOKENS = 512  # the probe's anchor runs with this max_session_tokens, so drafts reach it in seconds
 
 
 def free_port() -> int:
@@ -71,7 +73,7 @@ class Anchor:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HPI_DATA_DIR": str(data_dir), "HPI_MODEL": model, "HPI_PORT": str(self.port),
-               "OMP_NUM_THREADS": "1"}
+               "HPI_MAX_SESSION_TOKENS": str(SESSION_TOKENS)}
         self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 600
@@ -178,48 +180,43 @@ def probe_memory(a: Anchor) -> list[tuple[str, str, str]]:
 
 
 def probe_sessions(a: Anchor) -> list[tuple[str, str, str]]:
-    c = client(a)
-    made, last = 0, None
+    c = client(a, "127.0.0.10")
+    made, last = [], None
     for _ in range(80):
         r = c.post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
         if r.status_code != 201:
             last = code_of(r)
             break
-        made += 1
-    other = client(a, "127.0.0.2").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
-    rows = [("sessions", "one client creates sessions", f"{made} created, then {last}"),
-            ("sessions", "another client (127.0.0.2) creates one", code_of(other))]
-    r = client(a, "127.0.0.3").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
-    if r.status_code != 201:
-        return rows + [("sessions", "a third client (127.0.0.3) creates one", code_of(r))]
-    s = r.json()
-    grown, reply = s["n_tokens"], {}
+        made.append(r.json())
+    other = client(a, "127.0.0.11").post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}]})
+    rows = [("sessions", "one client creates sessions", f"{len(made)} created, then {last}"),
+            ("sessions", "another client creates one", code_of(other))]
+    for s in made:  # the rest of the probes need room
+        c.delete(f"/v1/sessions/{s['session_id']}", headers={"Authorization": f"Bearer {s['token']}"})
+    s = client(a, "127.0.0.12").post("/v1/sessions", json={"messages": USER}).json()
+    grown, reply, token = s["n_tokens"], {}, 17
     with ws_client.connect(ws_url(a, s["session_id"])) as ws:
         frame(ws, v=1, type="hello", token=s["token"], position=grown, chain=GENESIS, temperature=0.0, seed=0)
         chain = GENESIS
-        for _ in range(100):
-            reply = frame(ws, v=1, type="draft", position=grown, chain=chain, tokens=[17] * 256)
+        for _ in range(2 * SESSION_TOKENS):  # each pass confirms at least the anchor's own token
+            reply = frame(ws, v=1, type="draft", position=grown, chain=chain, tokens=[token])
             if reply["type"] == "error":
                 break
-            grown, chain = reply["position"], reply["chain"]
-    rows.append(("sessions", f"one session grown by drafts from {s['n_tokens']} tokens",
+            grown, chain, token = reply["position"], reply["chain"], reply["token"]
+    rows.append(("sessions", f"one session grown by drafts alone from {s['n_tokens']} tokens",
                  f"stopped at {grown} tokens: {reply.get('code')}"))
     return rows
 
 
 def probe_slow_work(a: Anchor) -> list[tuple[str, str, str]]:
-    clients = [client(a, timeout=600) for _ in range(40)]
-    results: list[str] = []
-
-    def complete(c: httpx.Client) -> None:
-        try:
-            results.append(code_of(c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1024})))
-        except httpx.HTTPError:
-            results.append("gone")
-
-    threads = [threading.Thread(target=complete, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
+    host, port = a.url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": USER, "max_tokens": 1024}).encode()
+    socks = []
+    for _ in range(40):  # raw sockets, so that going away is a real disconnect
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        socks.append(sock)
     h = client(a)
     lat = []
     t_end = time.monotonic() + 15
@@ -228,16 +225,19 @@ def probe_slow_work(a: Anchor) -> list[tuple[str, str, str]]:
         h.get("/healthz")
         lat.append(1000 * (time.monotonic() - t0))
         time.sleep(0.2)
-    for c in clients:
-        c.close()  # every client goes away mid-answer
-    for t in threads:
-        t.join()
+    refused = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            refused += sock.recv(64).startswith(b"HTTP/1.1 503")
+        except BlockingIOError:
+            pass
+        sock.close()  # every client goes away mid-answer
     metric = lambda: float(next(line.split()[1] for line in h.get("/metrics").text.splitlines()  # noqa: E731
                                 if line.startswith("hpi_tokens_decoded_total ")))
     time.sleep(2)
     d0 = metric()
     time.sleep(5)
-    refused = sum(r.startswith("503") for r in results)
     lat.sort()
     return [("slow work", "/healthz during 40 long completions",
              f"median {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms ({len(lat)} polls)"),
@@ -365,6 +365,7 @@ BEFORE = {
     "create dim 16, 2^19 satellites": "201; 539 MB file, +2.05 GB peak, 5.6 CPU-s",
     "vocab 2^18: create, delete": "+768 MiB resident after delete",
     "one client creates sessions": "64 created, then 503 for everyone",
+    "another client creates one": "503 too_many_sessions",
     "/healthz during 40 long completions": "waited up to 74.6 s",
     "tokens decoded 2-7 s after every client left": "decoding went on (+122 tokens in 60 s)",
     "channel of an unknown session": "accepted",
@@ -381,6 +382,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "probes.json"))
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/security.md's table")
+    ap.add_argument("--only", default="", help="comma-separated probe names (leak, memory, ...); default all")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="hpi-probes-"))
     for cache in (Path("~/.cache/hpi/packs").expanduser(), REPO / "var" / "test-data" / "packs"):
@@ -391,6 +394,8 @@ def main() -> None:
     try:
         for probe in (probe_leak, probe_memory, probe_sessions, probe_errors, probe_frames, probe_origins,
                       probe_websocket, probe_slow_work):
+            if args.only and probe.__name__.removeprefix("probe_") not in args.only.split(","):
+                continue
             got = probe(anchor)
             rows += got
             for r in got:
@@ -403,9 +408,14 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     print(f"\nAnchor: `hpi serve` (model {args.model}), one process on 127.0.0.1; {cpu}, {os.cpu_count()} cores; "
           f"RSS at the end {rss:.0f} MiB.\n")
-    print("| probe | what | before | now |\n|---|---|---|---|")
-    for group, what, now in rows:
-        print(f"| {group} | {what} | {BEFORE.get(what, '')} | {now} |")
+    table = "\n".join(["| probe | what | before | now |", "|---|---|---|---|"] +
+                      [f"| {group} | {what} | {BEFORE.get(what, '')} | {now} |" for group, what, now in rows]) + "\n"
+    print(table)
+    if not args.no_docs:
+        doc = REPO / "docs" / "security.md"
+        text = doc.read_text()
+        start, end = "<!-- probes table -->", "<!-- /probes table -->"
+        doc.write_text(text[:text.index(start) + len(start)] + "\n" + table + text[text.index(end):])
     Path(args.out).write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "model": args.model, "cpu": cpu, "cores": os.cpu_count(),
         "rss_end_mib": round(rss, 1),
