@@ -18,6 +18,7 @@ import torch
 
 from protocol.holo import HoloError, content_hash, load_hologram
 from server import hologram, pack, spectral
+from server.engine import PREFILL_CHUNK, Seq
 from server.metrics import METRICS
 from server.models import LoadedModel, check_same_tokenizer
 from server.spectral import PRESETS, CodecParams
@@ -49,6 +50,7 @@ class Anchor:
             raise ValueError(f"unknown codec preset {codec!r}; known: {', '.join(PRESETS)}")
         self.lm = lm
         self.res_lm = resonator_lm or lm
+        _ = lm.scheduler  # the engine takes over the weights' storage now, before any forward runs
         if self.res_lm is not lm:
             check_same_tokenizer(lm, self.res_lm)
         self.codec: CodecParams = PRESETS[codec] if isinstance(codec, str) else codec
@@ -110,9 +112,9 @@ class Anchor:
             raise ValueError("nothing to prefill")
         self._open(caches)
         ids = caches.ids + list(new_ids)
-        logits = self._feed(self.lm, caches.anchor, ids)
+        logits = prefill(self.lm, caches.anchor, ids)
         if caches.resonator is not None:
-            self._feed(self.res_lm, caches.resonator, ids)
+            prefill(self.res_lm, caches.resonator, ids)
         caches.ids = ids
         caches.pending = None
         caches.next_logits = logits
@@ -171,18 +173,6 @@ class Anchor:
         ids = caches.ids[:position]
         return Caches(ids=ids, anchor=caches.anchor.share(shared), resonator=resonator, pending=ids[-1]), frozen
 
-    @staticmethod
-    @torch.no_grad()
-    def _feed(lm: LoadedModel, cache: TrailCache, ids: list[int]) -> torch.Tensor:
-        """Run the ids past the cache's length through `lm` into it; the logits [V] after the last."""
-        missing = ids[cache.get_seq_length():]
-        if not missing:
-            raise ValueError(f"the cache already holds all {len(ids)} tokens")
-        x = torch.tensor([missing], device=lm.model.device)
-        out = lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
-        METRICS.add("hpi_forward_passes_total")
-        return out.logits[0, -1].float().cpu()
-
     def hologram_bytes(self, caches: Caches, start: int = 0) -> bytes:
         """The `.holo` conversation hologram of KV positions [start, len(ids) - 1)."""
         cache = caches.resonator if caches.resonator is not None else caches.anchor
@@ -190,10 +180,27 @@ class Anchor:
         if cache is None or not 0 <= start <= end:
             raise ValueError(f"no hologram segment [{start}, {end})")
         if cache is caches.resonator and cache.get_seq_length() < end:
-            self._feed(self.res_lm, cache, caches.ids[:end])  # verified tokens, fed to the anchor alone
+            prefill(self.res_lm, cache, caches.ids[:end])  # verified tokens, fed to the anchor alone
         keys = torch.stack([layer.keys[0, :, start:end] for layer in cache.layers])  # [L, G, T, Dh]
         values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
         return hologram.build(keys.float().cpu(), values.float().cpu(), start=start,
                               next_id=caches.ids[end], basis=self.basis, params=self.codec,
                               model_id=self.res_lm.model_id, tokenizer_id=self.res_lm.tokenizer_id,
                               pack_hash=self.pack_hash)
+
+
+def prefill(lm: LoadedModel, cache: TrailCache, ids: list[int]) -> torch.Tensor:
+    """Run the ids past the cache's length into it through the model's batched forward, one chunk
+    per forward (chunks end at multiples of PREFILL_CHUNK, so a prompt's KV has the same bits
+    however it arrives); the logits [V] after the last id."""
+    at = cache.get_seq_length()
+    if at >= len(ids):
+        raise ValueError(f"the cache already holds all {len(ids)} tokens")
+    METRICS.add("hpi_prefill_tokens_total", len(ids) - at)
+    while True:
+        end = min(len(ids), (at // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+        (logits,) = lm.scheduler.run([Seq(cache, ids[at:end], generated=False, all_logits=False)])
+        if end == len(ids):
+            return logits[-1]
+        at = end
+

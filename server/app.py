@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 
 from protocol import frames
 from server import completions
@@ -202,6 +203,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         app.state.anchor = a
         app.state.store = SessionStore(a, settings)
         METRICS.gauges["hpi_sessions"] = ("sessions holding caches in memory", lambda: len(app.state.store))
+        METRICS.gauges["hpi_kv_bytes"] = ("KV cache bytes held for sessions", lambda: app.state.store.kv_bytes)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        a.lm.scheduler.wait_s, a.lm.scheduler.max_rows = settings.batch_wait_ms / 1000, settings.batch_max_rows
         sweeper = asyncio.create_task(sweep(app.state.store))
         yield
         sweeper.cancel()
@@ -375,6 +380,8 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         def tokens():
             try:
                 with completion_slots.turn():
+                    if gone.is_set():  # its client left while it waited for a turn
+                        return
                     deadline = time.monotonic() + settings.max_completion_seconds
                     yield from completions.decode(lm, ids, limit, body.temperature, body.seed, deadline, gone)
             finally:

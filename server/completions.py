@@ -1,8 +1,10 @@
 """Plain anchor-only decoding: the server-side baseline the resonator is measured against.
 
-The anchor model decodes alone, one forward pass per token over its own KV cache, with the
-same token choice as every resonator (server/sampling.py): greedy, or Gumbel-max with a
-seed. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
+The anchor model decodes alone, one token per forward over its own KV cache, with the same
+token choice as every resonator (server/sampling.py): greedy, or Gumbel-max with a seed. Its
+steps go through the model's batched forward (server/scheduler.py), so concurrent
+completions share forwards with each other and with verification, as the reconciled path
+does. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 
-import torch
-from transformers import DynamicCache
-
+from server.anchor import prefill
+from server.engine import Seq
 from server.metrics import METRICS
 from server.models import LoadedModel
 from server.sampling import choose
+from server.trail import TrailCache
 
 
-@torch.no_grad()
 def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
            seed: int = 0, deadline: float | None = None, stop: threading.Event | None = None) -> Iterator[int]:
     """Token ids after the prompt, one at a time, until an end token (included), max_tokens,
@@ -27,22 +28,20 @@ def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature:
 
     The token at index i of the conversation is chosen with position i, as the resonator does.
     """
-    cache = DynamicCache(config=lm.config)
-    dev = lm.model.device
-    out = lm.model(input_ids=torch.tensor([prompt_ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
-    METRICS.add("hpi_forward_passes_total")
+    cache = TrailCache(config=lm.config)
+    logits = prefill(lm, cache, prompt_ids)
     eos = set(lm.eos_token_ids)
     position = len(prompt_ids)
     for _ in range(max_tokens):
-        token = choose(out.logits[0, -1].float().cpu().numpy(), temperature, seed, position)
+        token = choose(logits.numpy(), temperature, seed, position)
         METRICS.add("hpi_tokens_decoded_total")
         yield token
         if token in eos or (stop is not None and stop.is_set()) or (
                 deadline is not None and time.monotonic() > deadline):
             return
         position += 1
-        out = lm.model(input_ids=torch.tensor([[token]], device=dev), cache=cache, use_cache=True)
-        METRICS.add("hpi_forward_passes_total")
+        (rows,) = lm.scheduler.run([Seq(cache, [token], generated=True, all_logits=True)])
+        logits = rows[-1]
 
 
 class TextStream:

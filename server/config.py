@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="tokens one chat completion may generate")
 
+    threads: int = Field(0, ge=0, description="threads of the model's forward; 0: torch's default (the cores)")
+    batch_wait_ms: float = Field(2.0, ge=0, description="how long a forward waits for more work to batch")
+    batch_max_rows: int = Field(512, ge=1, description="token rows one forward takes at most")
+
     max_completion_seconds: float = Field(120, gt=0, description="wall time one chat completion may decode for; "
                                                                   "then it ends with finish_reason 'length'")
     max_completions: int = Field(4, ge=1, description="chat completions decoding at once; more wait")

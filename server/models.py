@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import hashlib
 import importlib.util
 import json
@@ -70,6 +72,9 @@ def tokenizer_id(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((vocab + special).encode()).hexdigest()[:16]
 
 
+_SCHEDULER_LOCK = threading.Lock()
+
+
 @dataclass
 class LoadedModel:
     path: Path
@@ -80,6 +85,15 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @cached_property
+    def scheduler(self):
+        """The model's forward pass, batched across all its callers (server/scheduler.py): every
+        choice of the anchor model goes through it."""
+        from server.engine import Engine
+        from server.scheduler import Scheduler
+        with _SCHEDULER_LOCK:
+            return self.__dict__.get("scheduler") or Scheduler(Engine(self.model))
 
     @cached_property
     def tokenizer_id(self) -> str:

@@ -8,8 +8,13 @@ correction of the first mismatch, or one more token when every draft matched. So
 confirmed tokens are exactly the anchor's, whatever the drafts were.
 
 The confirmed token after the accepted prefix has no KV yet (`Caches.pending`); the next
-pass, or the prefill of a new turn, feeds it first. The cache is cropped back to the confirmed tokens, so rejected drafts
-leave nothing behind.
+pass, or the prefill of a new turn, feeds it first. The cache is cropped back to the confirmed
+tokens, so rejected drafts leave nothing behind. The pass goes through the model's batched
+forward (server/scheduler.py) with the passes of other sessions, as rows of generated tokens:
+each draft's logits are the bits plain decoding would compute (server/engine.py).
+
+Apart from that forward and the KV bookkeeping, the acceptance rule is a pure function
+(`accept`) of the logits, the drafts and the sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from server.anchor import Caches
+from server.engine import Seq
 from server.metrics import METRICS
 from server.models import LoadedModel
 from server.sampling import choose
@@ -43,18 +49,9 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     if caches.pending is None:
         heads.append(caches.next_logits)
     if feed:
-        dev = lm.model.device
-        out = lm.model(input_ids=torch.tensor([feed], device=dev), cache=caches.anchor, use_cache=True)
-        METRICS.add("hpi_forward_passes_total")
-        heads.extend(out.logits[0].float().cpu())
-    # An end-of-turn draft the anchor agrees with is its own `token`: the answer ends there.
-    eos = set(lm.eos_token_ids)
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] not in eos and drafts[accepted] == choose(
-            heads[accepted].numpy(), temperature, seed, base + accepted):
-        accepted += 1
-    token = choose(heads[accepted].numpy(), temperature, seed, base + accepted)
-    corrected = accepted < len(drafts) and drafts[accepted] != token
+        (logits,) = lm.scheduler.run([Seq(caches.anchor, feed, generated=True, all_logits=True)])
+        heads.extend(logits)
+    accepted, token, corrected = accept(heads, drafts, base, set(lm.eos_token_ids), temperature, seed)
     fed_drafts = len(drafts) if feed else 0
     if fed_drafts > accepted:
         caches.anchor.crop(accepted - fed_drafts)  # a negative count removes that many from the end
@@ -64,4 +61,21 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     METRICS.add("hpi_tokens_verified_total", len(drafts))
     METRICS.add("hpi_tokens_accepted_total", accepted)
     METRICS.add("hpi_tokens_corrected_total", int(corrected))
+    METRICS.add("hpi_verification_passes_total")
+    METRICS.observe("hpi_accepted_per_pass", accepted)
+    for i in range(accepted):
+        METRICS.observe("hpi_draft_position_accepted", i)
     return Verdict(accepted, token, corrected)
+
+
+def accept(heads: list[torch.Tensor], drafts: list[int], base: int, eos: set[int], temperature: float,
+           seed: int) -> tuple[int, int, bool]:
+    """The acceptance rule: (drafts accepted, the anchor's token after them, whether it corrects a
+    draft). `heads[i]` are the logits that choose the token at position base + i. An end-of-turn
+    draft the anchor agrees with is its own token: the answer ends there."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] not in eos and drafts[accepted] == choose(
+            heads[accepted].numpy(), temperature, seed, base + accepted):
+        accepted += 1
+    token = choose(heads[accepted].numpy(), temperature, seed, base + accepted)
+    return accepted, token, accepted < len(drafts) and drafts[accepted] != token

@@ -1,0 +1,93 @@
+"""One forward at a time over all pending work: continuous batching of the anchor's model.
+
+Request threads (verification passes, prefill chunks, anchor-only decoding steps) submit
+sequences and wait; one worker thread takes everything that arrived, waits up to `wait_s`
+for more while the batch is small, runs a single batched forward (server/engine.py) and
+hands each caller its logits. So the cores run one forward with all their threads instead
+of many forwards fighting over them, and a batch reads the weights once for all its rows.
+A long prompt arrives in chunks (server/anchor.py), so it cannot hold everyone's
+verification back for longer than a chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine import Engine, Seq
+from server.metrics import METRICS
+
+
+@dataclass
+class _Job:
+    seqs: list[Seq]
+    rows: int
+    queued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[torch.Tensor] | None = None
+    error: BaseException | None = None
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_rows: int = 512, wait_s: float = 0.002):
+        self.engine = engine
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+        self._pending: list[_Job] = []
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    def run(self, seqs: list[Seq]) -> list[torch.Tensor]:
+        """Run the sequences in the next forward; their logits (see Engine.forward)."""
+        job = _Job(seqs, sum(len(s.ids) for s in seqs))
+        with self._cv:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="hpi-forward", daemon=True)
+                self._worker.start()
+            self._pending.append(job)
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _take(self) -> list[_Job]:
+        """The next batch: what is pending, after waiting briefly for more while it is small."""
+        with self._cv:
+            while not self._pending:
+                self._cv.wait()
+            deadline = time.monotonic() + self.wait_s
+            while sum(j.rows for j in self._pending) < self.max_rows and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            batch, rows = [], 0
+            while self._pending and (not batch or rows + self._pending[0].rows <= self.max_rows):
+                job = self._pending.pop(0)
+                batch.append(job)
+                rows += job.rows
+            return batch
+
+    def _serve(self) -> None:
+        while True:  # a batch is referenced by the call alone: its caches are not kept past it
+            self._forward(self._take())
+
+    def _forward(self, batch: list[_Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            METRICS.observe("hpi_queue_wait_seconds", now - job.queued)
+        seqs = [s for job in batch for s in job.seqs]
+        METRICS.observe("hpi_batch_sequences", len(seqs))
+        METRICS.observe("hpi_batch_rows", sum(job.rows for job in batch))
+        try:
+            logits = self.engine.forward(seqs)
+            METRICS.add("hpi_forward_passes_total")
+        except BaseException as e:  # each caller reverts its own session
+            for job in batch:
+                job.error = e
+                job.done.set()
+            return
+        for job in batch:
+            job.result, logits = logits[:len(job.seqs)], logits[len(job.seqs):]
+            job.done.set()
