@@ -375,6 +375,8 @@ BEFORE = {
     '"v": true': "accepted", '"position": "34"': "accepted", "a 32-character string chain": "accepted",
     "string token ids": "accepted", "token id = vocabulary size": "stale_draft",
     "Host: rebound.example": "200", "Origin: http://evil.example": "201",
+    "websocket from http://evil.example": "accepted", "a 15 MiB message": "accepted (up to 16 MiB)",
+    "one session grown by drafts alone from 54 tokens": "grew past max_prompt_tokens (58 to 1,200 tokens)",
 }
 
 
