@@ -165,6 +165,7 @@ def start_hpi(threads: int, data_dir: Path) -> tuple[Server, str]:
     env = {"HPI_DATA_DIR": str(data_dir), "HPI_PORT": str(port), "HPI_THREADS": str(threads),
            "HPI_MAX_SESSIONS": "1024", "HPI_MAX_LIVE_SESSIONS": "256", "HPI_CLIENT_SHARE": "1",
            "HPI_MAX_COMPLETIONS": "64", "HPI_MAX_WAITING_COMPLETIONS": "64", "HPI_MAX_KV_BYTES": str(16 << 30),
+           "HPI_MAX_COMPLETION_SECONDS": "3600",
            "OMP_NUM_THREADS": str(threads)}
     url = f"http://127.0.0.1:{port}"
     return Server([sys.executable, "-m", "server.cli", "serve"], env, url + "/healthz", "hpi"), url

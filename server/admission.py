@@ -30,10 +30,6 @@ class Slots:
         self._admitted = 0
         self._lock = threading.Lock()
 
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
     def admit(self) -> Place:
         """A place (running or waiting), or Busy. Give it back with `release` (also done when it is
         dropped, so a response that is never iterated cannot keep one)."""

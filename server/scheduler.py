@@ -11,14 +11,17 @@ verification back for longer than a chunk.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from server.engine import Engine, Seq
+from server.engine import Engine, Seq, check_invariance
 from server.metrics import METRICS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +42,9 @@ class Scheduler:
         self._pending: list[_Job] = []
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
+        if not check_invariance(engine):
+            log.warning("on this machine a row's projection differs alone and in a batch: verification may "
+                        "disagree with anchor-only decoding where two tokens tie to the last bit")
 
     def run(self, seqs: list[Seq]) -> list[torch.Tensor]:
         """Run the sequences in the next forward; their logits (see Engine.forward)."""
