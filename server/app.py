@@ -234,13 +234,11 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.exception_handler(SessionError)
     async def _session_error(request: Request, exc: SessionError):
-        headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, str(exc), headers)
+        return error_response(exc.status, exc.code, str(exc))
 
     @app.exception_handler(OwnerError)
     async def _owner_error(request: Request, exc: OwnerError):
-        headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, str(exc), headers)
+        return error_response(exc.status, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -44,6 +44,7 @@ from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, ca
 from server.config import Settings
 from server.hyperbolic import StateStore, StoreError
 from server.metrics import METRICS
+from server.middleware import error_response
 from server.models import LoadedModel
 from server.owners import PREFIX, OwnerError, Owners, owner_id
 from server.sessions import SessionStore
@@ -69,11 +70,8 @@ class _ErrorsAsJSON(APIRoute):
             try:
                 return await handler(request)
             except (CaptureError, StoreError, OwnerError) as e:
-                error = {"code": e.code, "message": str(e), **getattr(e, "extra", {})}
-                headers = dict(getattr(e, "headers", {}))
-                if e.status == 401:
-                    headers["WWW-Authenticate"] = 'Bearer realm="hpi"'
-                return JSONResponse({"error": error}, status_code=e.status, headers=headers)
+                return error_response(e.status, e.code, str(e), getattr(e, "headers", None),
+                                      **getattr(e, "extra", {}))
 
         return route
 

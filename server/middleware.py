@@ -27,8 +27,11 @@ DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 METRICS_PATH = "/metrics"
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    """The API's one error shape; a 401 also says how to authenticate."""
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="hpi"'}
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
 def _headers(scope) -> dict[bytes, bytes]:

@@ -30,6 +30,7 @@ from server.memory import budget
 from server.memory.dreaming import dream
 from server.memory.registry import MemoryServiceError, Registry
 from server.memory.store import PATHS, Config, InvalidInput, Memory
+from server.middleware import error_response
 from server.owners import OwnerError, Owners, owner_id
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ class Dream(BaseModel):
     forget: float = Field(0.0, ge=0.0, le=64.0, description="φ-decay strength; 0 forgets nothing")
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
 def memory_router(settings: Settings, owners: Owners) -> APIRouter:
     registry = Registry(settings.memories_path(), settings.max_memories, settings.client_share)
     router = APIRouter(prefix="/v1/memories", tags=["memories"])
@@ -118,16 +115,13 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
         anything unexpected is logged and answered without it, so no exception text leaks."""
         try:
             return fn()
-        except OwnerError as e:
-            headers = {"WWW-Authenticate": 'Bearer realm="hpi"'} if e.status == 401 else None
-            return _error(e.status, e.code, str(e), headers)
-        except MemoryServiceError as e:
-            return _error(e.status, e.code, str(e))
+        except (OwnerError, MemoryServiceError) as e:
+            return error_response(e.status, e.code, str(e))
         except InvalidInput as e:  # the memory's own validation (token ids out of range, ...)
-            return _error(422, "invalid_request", str(e))
+            return error_response(422, "invalid_request", str(e))
         except Exception:
             log.exception("memory request failed")
-            return _error(500, "internal_error", "the memory service failed to answer; the failure is logged")
+            return error_response(500, "internal_error", "the memory service failed to answer; the failure is logged")
 
     def contexts(mem: Memory, rows: list[np.ndarray]) -> np.ndarray:
         n = mem.config.context
