@@ -400,12 +400,15 @@ def main(argv: list[str] | None = None) -> None:
     table = render(result)
     print(table)
     if not args.no_docs:
-        doc = REPO / "docs" / "serving.md"
-        text = doc.read_text() if doc.exists() else ""
-        start, end = "<!-- serving table -->", "<!-- /serving table -->"
-        if start in text:
-            text = text[:text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
-            doc.write_text(text)
+        replace_table(REPO / "docs" / "serving.md", "serving table", table)
+
+
+def replace_table(doc: Path, marker: str, table: str) -> None:
+    """Put `table` between `<!-- marker -->` and `<!-- /marker -->` in `doc`."""
+    text = doc.read_text() if doc.exists() else ""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start in text:
+        doc.write_text(text[:text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end):])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 
 from protocol import frames
-from server import completions
+from server import completions, kernels
 from server.admission import Busy, Slots
 from server.anchor import Anchor
 from server.capture_api import capture_router
@@ -186,7 +186,7 @@ def _trail_position(s: Session) -> dict:
 
 
 def load_anchor(settings: Settings) -> Anchor:
-    lm = load_model(settings.model, settings.device)
+    lm = load_model(settings.model, settings.device, quantized=settings.weights == "blocks")
     res = None
     if settings.resonator_model and settings.resonator_model != settings.model:
         res = load_model(settings.resonator_model, settings.device)
@@ -206,6 +206,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         METRICS.gauges["hpi_kv_bytes"] = ("KV cache bytes held for sessions", lambda: app.state.store.kv_bytes)
         if settings.threads:
             torch.set_num_threads(settings.threads)
+            kernels.set_threads(settings.threads)
         a.lm.scheduler.wait_s, a.lm.scheduler.max_rows = settings.batch_wait_ms / 1000, settings.batch_max_rows
         sweeper = asyncio.create_task(sweep(app.state.store))
         yield

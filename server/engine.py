@@ -9,12 +9,14 @@ Exactness does not depend on the batch. A row's result must be the same bits wha
 rows share its forward, or a session's verification could disagree with the same session
 decoding alone:
 
-- matrix products of rows against weights give each row the same bits for any row count
-  that is a multiple of ROW_ALIGN (BLAS picks other kernels for a few rows), so the rows
-  of a forward are padded to one; `check_invariance` checks it on the machine at start;
+- a matrix product gives each row the same bits whatever the row count: the kernels over a
+  GGUF file's quantized blocks (server/quant.py, server/_kernels.c) fix one order of arithmetic
+  per element; for fp32 weights, BLAS does so for row counts that are multiples of ROW_ALIGN
+  (it picks other kernels for a few rows), so the rows are padded to one;
+  `check_invariance` checks it on the machine at start;
 - a generated token's row (verification, decoding) attends alone over exactly the positions
   before it and itself, the same computation whether it comes in a draft of sixteen or on
-  its own; prompt rows (prefill) attend in chunks at fixed absolute boundaries, so a prompt
+  its own (server/_kernels.c where built, else one torch call per row); prompt rows (prefill) attend in chunks at fixed absolute boundaries, so a prompt
   gives the same KV in a session and in an anchor-only completion.
 
 Shapes: R rows (all sequences), n rows of one sequence, T its positions so far, H query heads,
@@ -29,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server import kernels
 from server.llama import rms_norm, weights_from_hf
+from server.quant import QuantMatrix
 from server.rope import rope_tables, rotate
 from server.trail import TrailCache
 
@@ -37,14 +41,27 @@ ROW_ALIGN = 8
 PREFILL_CHUNK = 256  # prompt rows attend in chunks starting at multiples of this position
 
 
+class Dense:
+    """An fp32 weight W [N, K]; `self(x)`: x [M, K] @ W^T, with the row count padded to ROW_ALIGN."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul_rows(x, self.w)
+
+
+Product = Dense | QuantMatrix
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [Dm]
-    wqkv: torch.Tensor  # [(H + 2G) Dh, Dm]: q, k and v projections in one product
-    wo: torch.Tensor  # [Dm, H Dh]
+    wqkv: Product  # [(H + 2G) Dh, Dm]: q, k and v projections in one product
+    wo: Product  # [Dm, H Dh]
     mlp_norm: torch.Tensor  # [Dm]
-    w_gate_up: torch.Tensor  # [2F, Dm]
-    w_down: torch.Tensor  # [Dm, F]
+    w_gate_up: Product  # [2F, Dm]
+    w_down: Product  # [Dm, F]
 
 
 @dataclass
@@ -68,19 +85,33 @@ def matmul_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model):
-        """Over a transformers LlamaForCausalLM's weights (fp32). The projections that share an
-        input are fused into one matrix each, and the model's own parameters become views of it,
-        so the weights are held once."""
+    def __init__(self, model, blocks: dict[str, QuantMatrix] | None = None):
+        """Over a transformers LlamaForCausalLM's weights. `blocks` (server/quant.py): the
+        modules whose weights are also held as quantized blocks, by module name; their products
+        run over the blocks, the others over fp32. The projections that share an input are fused
+        into one matrix each (fp32 ones become the storage the model's own parameters view, so the
+        weights are held once)."""
+        blocks = blocks or {}
         w = weights_from_hf(model)
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = w.n_heads, w.n_kv_heads, w.head_dim, w.eps
-        self.inv_freq, self.embed, self.norm, self.lm_head = w.inv_freq, w.embed, w.norm, w.lm_head
+        self.inv_freq, self.embed, self.norm = w.inv_freq, w.embed, w.norm
+        self.lm_head = blocks.get("lm_head") or Dense(w.lm_head)
         self.layers = []
-        for lw, hf in zip(w.layers, model.model.layers):
+        for i, (lw, hf) in enumerate(zip(w.layers, model.model.layers)):
             a, m = hf.self_attn, hf.mlp
-            wqkv = _fuse(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-            w_gate_up = _fuse(m.gate_proj.weight, m.up_proj.weight)
-            self.layers.append(Layer(lw.attn_norm, wqkv, lw.wo, lw.mlp_norm, w_gate_up, lw.w_down))
+            name = f"model.layers.{i}."
+
+            def product(*parts: str) -> Product:
+                if all(name + p in blocks for p in parts):
+                    return QuantMatrix.stack([blocks[name + p] for p in parts])
+                params = [hf.get_submodule(p).weight for p in parts]
+                return Dense(_fuse(*params) if len(params) > 1 else params[0].detach().float())
+
+            self.layers.append(Layer(lw.attn_norm, product("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                     product("self_attn.o_proj"), lw.mlp_norm,
+                                     product("mlp.gate_proj", "mlp.up_proj"), product("mlp.down_proj")))
+        products = [p for l in self.layers for p in (l.wqkv, l.wo, l.w_gate_up, l.w_down)] + [self.lm_head]
+        self.all_kernels = all(isinstance(p, QuantMatrix) for p in products) and kernels.can_attend(self.head_dim)
         self.ffn = w.layers[0].w_gate.shape[0] if w.layers else 0
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
@@ -100,7 +131,7 @@ class Engine:
         x = self.embed[ids]  # [R, Dm]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.attn_norm, self.eps)
-            qkv = matmul_rows(h, lw.wqkv)  # [R, (H + 2G) Dh]
+            qkv = lw.wqkv(h)  # [R, (H + 2G) Dh]
             q = rotate(qkv[:, :H * Dh].view(-1, H, Dh).transpose(0, 1), cos, sin)  # [H, R, Dh]
             k = rotate(qkv[:, H * Dh:(H + G) * Dh].view(-1, G, Dh).transpose(0, 1), cos, sin)  # [G, R, Dh]
             v = qkv[:, (H + G) * Dh:].view(-1, G, Dh).transpose(0, 1)  # [G, R, Dh]
@@ -109,18 +140,20 @@ class Engine:
                 keys, values = s.cache.layers[i].update(k[None, :, a:b], v[None, :, a:b])  # [1, G, T, Dh]
                 attend = self._attend_each if s.generated else self._attend_chunks
                 out[a:b] = attend(q[:, a:b], keys[0], values[0], p)
-            x = x + matmul_rows(out, lw.wo)
+            x = x + lw.wo(out)
             h = rms_norm(x, lw.mlp_norm, self.eps)
-            gate, up = matmul_rows(h, lw.w_gate_up).split(self.ffn, dim=-1)  # [R, F] each
-            x = x + matmul_rows(F.silu(gate) * up, lw.w_down)
+            gate, up = lw.w_gate_up(h).split(self.ffn, dim=-1)  # [R, F] each
+            x = x + lw.w_down(F.silu(gate) * up)
         rows = [torch.arange(a, b) if s.all_logits else torch.tensor([b - 1]) for s, (a, b) in zip(seqs, spans)]
         picked = torch.cat(rows)
-        logits = matmul_rows(rms_norm(x[picked], self.norm, self.eps), self.lm_head)  # [rows, V]
+        logits = self.lm_head(rms_norm(x[picked], self.norm, self.eps))  # [rows, V]
         return list(logits.split([len(r_) for r_ in rows]))
 
     def _attend_each(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         """Each query row j (position start + j) over positions [0, start + j], on its own."""
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if kernels.can_attend(Dh):
+            return kernels.attend(q, keys, values, start, self.scale)
         out = []
         for j in range(q.shape[1]):
             t = start + j + 1
@@ -166,5 +199,5 @@ def check_invariance(engine: Engine, rows: int = 40) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, engine.embed.shape[1], generator=g)
     w = engine.layers[0].wqkv if engine.layers else engine.lm_head
-    together = matmul_rows(x, w)
-    return all(torch.equal(matmul_rows(x[:n], w), together[:n]) for n in (1, 2, 3, 5, 9, 17, rows))
+    together = w(x)
+    return all(torch.equal(w(x[:n]), together[:n]) for n in (1, 2, 3, 5, 9, 17, rows))

@@ -81,6 +81,7 @@ class LoadedModel:
     model: torch.nn.Module  # LlamaForCausalLM, eval mode
     tokenizer: PreTrainedTokenizerBase
     model_id: str
+    quantized: bool = True  # a GGUF model's forward runs over its quantized blocks (server/quant.py)
 
     @property
     def config(self):
@@ -91,9 +92,14 @@ class LoadedModel:
         """The model's forward pass, batched across all its callers (server/scheduler.py): every
         choice of the anchor model goes through it."""
         from server.engine import Engine
+        from server.quant import gguf_blocks
         from server.scheduler import Scheduler
         with _SCHEDULER_LOCK:
-            return self.__dict__.get("scheduler") or Scheduler(Engine(self.model))
+            if "scheduler" not in self.__dict__:
+                use_blocks = self.quantized and self.path.suffix == ".gguf" and self.model.device.type == "cpu"
+                blocks = gguf_blocks(self.path, self.model) if use_blocks else None
+                return Scheduler(Engine(self.model, blocks))
+            return self.__dict__["scheduler"]
 
     @cached_property
     def tokenizer_id(self) -> str:
@@ -122,8 +128,9 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str = "default", device: str = "auto") -> LoadedModel:
-    """Load a Llama model and its tokenizer: fp32 on CPU, bf16 on CUDA."""
+def load_model(name: str = "default", device: str = "auto", quantized: bool = True) -> LoadedModel:
+    """Load a Llama model and its tokenizer: fp32 on CPU, bf16 on CUDA. `quantized`: on CPU, the
+    anchor's forward reads a GGUF model's own blocks rather than the fp32 weights (same values)."""
     path = resolve_model_path(name)
     where, extra = _from_pretrained_args(path)
     try:
@@ -138,7 +145,7 @@ def load_model(name: str = "default", device: str = "auto") -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     model.to(dev).eval()
     tok = AutoTokenizer.from_pretrained(where, **extra)
-    return LoadedModel(path, model, tok, f"{path.name}@{_file_digest(path)}")
+    return LoadedModel(path, model, tok, f"{path.name}@{_file_digest(path)}", quantized)
 
 
 def check_same_tokenizer(anchor: LoadedModel, resonator: LoadedModel) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server import kernels
 from server.engine import Engine, Seq, check_invariance
 from server.metrics import METRICS
 
@@ -76,6 +77,9 @@ class Scheduler:
             return batch
 
     def _serve(self) -> None:
+        # Where the kernels run every product (server/kernels.py, on HPI_THREADS threads), torch's
+        # own ops in the forward are small: on one thread they cannot spin against the kernels' pool.
+        torch.set_num_threads(1 if self.engine.all_kernels else kernels.threads())
         while True:  # a batch is referenced by the call alone: its caches are not kept past it
             self._forward(self._take())
 

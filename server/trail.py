@@ -6,7 +6,12 @@ crops by slicing, so no operation on a layer touches the tensors it already hold
 Forking a session at a position freezes its tail into a run (no copy) and gives the fork
 views of the runs over the positions it shares, and a tail of its own. The fork's memory
 grows only by its own tokens, and neither side's later growth or cropping can change what
-the other sees: growth concatenates into a new private tail, cropping slices views.
+the other sees: growth writes into the private tail, cropping slices views.
+
+The tail grows in place inside a buffer with room to spare (a quarter more, at least
+TAIL_ROOM positions), so a token costs its own K/V rather than a copy of the whole tail; a
+view read from a layer holds until the layer next grows. Memory is measured by storage, room
+included.
 
 Each run carries an opaque `tag` that stays referenced as long as any layer holds a view
 of the run: the session store charges a frozen run's memory to its tag, so the charge lasts
@@ -21,11 +26,15 @@ does as well to grow.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+
+
+TAIL_ROOM = 64
 
 
 class Run(NamedTuple):
@@ -89,8 +98,8 @@ class TrailLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._tail_keys = torch.cat([self._tail_keys, key_states], dim=-2)
-        self._tail_values = torch.cat([self._tail_values, value_states], dim=-2)
+        self._tail_keys = _grow(self._tail_keys, key_states)
+        self._tail_values = _grow(self._tail_values, value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -155,6 +164,24 @@ class TrailLayer(DynamicLayer):
         """Every tensor the layer holds (run views and the tail), for measuring memory."""
         held = [t for r in self.runs for t in (r.keys, r.values)]
         return held + [t for t in (self._tail_keys, self._tail_values) if t is not None]
+
+
+def _grow(tail: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`tail` [B, G, T, Dh] followed by `new` [B, G, n, Dh]: written in place after the tail when
+    the tail is the start of a buffer with room for it, else into a new buffer with room to spare."""
+    t, n, dh = tail.shape[-2], new.shape[-2], new.shape[-1]
+    cap = tail.stride(-3) // dh if t else 0
+    buffer_shape = (*new.shape[:-2], cap, dh)
+    in_place = (t and t + n <= cap and tail.dtype == new.dtype and tail.storage_offset() == 0
+                and tail.stride()[-2:] == (dh, 1) and tail.stride(0) == new.shape[1] * cap * dh
+                and tail.untyped_storage().nbytes() >= math.prod(buffer_shape) * tail.element_size())
+    if in_place:
+        buf = tail.as_strided(buffer_shape, tail.stride())
+    else:
+        buf = new.new_empty((*new.shape[:-2], max(t + n, t + t // 4, TAIL_ROOM), dh))
+        buf[..., :t, :] = tail
+    buf[..., t:t + n, :] = new
+    return buf[..., :t + n, :]
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:

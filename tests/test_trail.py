@@ -13,6 +13,7 @@ from protocol.holo import load_hologram
 from server import completions, turns
 from server.anchor import Anchor
 from server.models import load_model
+from server.trail import TAIL_ROOM
 from tests.syncing import chain_of, client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 
@@ -160,10 +161,14 @@ def keys_up_to(session, n: int) -> list[torch.Tensor]:
     return [layer.keys[..., :n, :].clone() for layer in session.caches.anchor.layers]
 
 
+def kv_bytes_per_token(tiny) -> int:
+    c = tiny.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+
+
 def own_bytes(tiny, parent, forks) -> list[tuple[int, int]]:
     """For each fork: the bytes of the storages no session before it holds, and its own positions' bytes."""
-    c = tiny.config
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    per_token = kv_bytes_per_token(tiny)
     held = parent.caches.anchor.storages()
     out = []
     for f in forks:
@@ -196,9 +201,12 @@ def test_forks_share_the_prefix_and_cannot_change_it(anchor, tiny, tmp_path):
                 send(ws, type="hello", token=f["token"], position=f["position"], chain=bytes.fromhex(f["chain"]))
                 v = send(ws, type="draft", position=f["position"], chain=bytes.fromhex(f["chain"]), tokens=own)
                 assert (v["type"], v["accepted"]) == ("ack", len(own))
-        # Memory: each fork's storage beyond what the sessions before it hold is exactly its own positions.
+        # Memory: each fork's storage beyond what the sessions before it hold is its own positions, with
+        # at most the room a tail keeps to grow in place (a quarter more, or TAIL_ROOM positions).
         measured = own_bytes(tiny, session_of(client, body), [session_of(client, f) for f in forks])
-        assert all(got == want for got, want in measured) and sum(want for _, want in measured) > 0
+        per_token = kv_bytes_per_token(tiny)
+        assert all(want <= got <= max(want * 5 // 4 + per_token, TAIL_ROOM * per_token) for got, want in measured)
+        assert sum(want for _, want in measured) > 0
 
         # The parent grows and goes back below the shared prefix: the forks' prefix does not change.
         sync(client, body, position, chain, list(completions.decode(tiny, prompt, 20)), truth)

@@ -1,0 +1,116 @@
+"""The anchor's forward, by engine: fp32 weights (BLAS) against the GGUF's own blocks (server/_kernels.c).
+
+One process, the default model (SmolLM2-135M-Instruct Q4_1), a 1,000-token prompt in its cache.
+For each engine and kernel thread count, interleaved (A B C D A B C D ...), it times the three
+forwards the anchor runs: one decoding row (anchor-only answers), a verification pass of 17
+rows (16 drafts and the token after them) and a 256-row prompt chunk (prefill), and reports
+the median wall and CPU time (the process's, threads included) per forward. Torch's own ops
+run on one thread inside the forward, as the scheduler runs them when the kernels do the
+products; the fp32 engine gets torch's threads for its BLAS products.
+
+    python -m bench.engine                  # docs/results/engine.json, table in docs/serving.md
+    python -m bench.engine --repeats 2 --no-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.resonator import machine  # noqa: E402
+from bench.serving import replace_table  # noqa: E402
+from server import kernels  # noqa: E402
+from server.engine import Engine, Seq  # noqa: E402
+from server.models import load_model  # noqa: E402
+from server.quant import gguf_blocks  # noqa: E402
+from server.trail import TrailCache  # noqa: E402
+
+PROMPT_TOKENS = 1000
+SHAPES = {"decode, 1 row": 1, "verify, 17 rows": 17, "prefill chunk, 256 rows": 256}
+
+
+def timed(fn) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def run(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default="1,2", help="kernel (and BLAS) thread counts to compare")
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "engine.json"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args(argv)
+
+    load0 = os.getloadavg()[0]
+    lm = load_model(quantized=False)
+    text = (REPO / "README.md").read_text() + (REPO / "docs" / "serving.md").read_text()
+    ids = lm.tokenizer(text)["input_ids"][:PROMPT_TOKENS]
+    blocks = gguf_blocks(lm.path, lm.model)
+    engines = {"blocks": Engine(lm.model, blocks), "fp32": Engine(lm.model)}
+    caches = {}
+    torch.set_num_threads(1)
+    for name, e in engines.items():
+        caches[name] = TrailCache(lm.config)
+        for at in range(0, PROMPT_TOKENS, 256):
+            e.forward([Seq(caches[name], ids[at:at + 256], generated=False, all_logits=False)])
+
+    threads = [int(t) for t in args.threads.split(",")]
+    samples: dict[tuple, list] = {}
+    for rep in range(args.repeats):
+        for name, e in engines.items():
+            for th in threads:
+                kernels.set_threads(th)
+                torch.set_num_threads(1 if e.all_kernels else th)
+                cache = caches[name]
+                for shape, rows in SHAPES.items():
+                    seq = Seq(cache, ids[:rows], generated=rows < 256, all_logits=rows < 256)
+                    samples.setdefault((name, th, shape), []).append(timed(lambda: e.forward([seq])))
+                    cache.crop(-rows)
+        print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+
+    rows = []
+    for (name, th, shape), got in samples.items():
+        rows.append({"engine": name, "threads": th, "forward": shape, "rows": SHAPES[shape],
+                     "wall_ms": 1e3 * statistics.median(w for w, _ in got),
+                     "cpu_ms": 1e3 * statistics.median(c for _, c in got),
+                     "cpu_ms_range": [1e3 * min(c for _, c in got), 1e3 * max(c for _, c in got)]})
+    result = {"date": datetime.date.today().isoformat(), "machine": machine(max(threads), load0),
+              "repeats": args.repeats,
+              "prompt_tokens": PROMPT_TOKENS, "model": lm.model_id, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    table = render(result)
+    print(table)
+    if not args.no_docs:
+        replace_table(REPO / "docs" / "serving.md", "engine table", table)
+    return result
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"One run on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {result['date']}; "
+             f"{result['prompt_tokens']} tokens in the cache; median of {result['repeats']} interleaved repeats "
+             f"(CPU range in brackets).", "",
+             "| forward | engine | threads | wall ms | CPU ms | CPU ms per row |", "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(result["rows"], key=lambda r: (r["rows"], r["engine"], r["threads"])):
+        lo, hi = r["cpu_ms_range"]
+        lines.append(f"| {r['forward']} | {r['engine']} | {r['threads']} | {r['wall_ms']:.1f} | "
+                     f"{r['cpu_ms']:.1f} [{lo:.1f}–{hi:.1f}] | {r['cpu_ms'] / r['rows']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run()

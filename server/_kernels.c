@@ -1,0 +1,567 @@
+/* The anchor's CPU kernels: matrix products over a GGUF file's own quantized blocks, and the
+ * attention of generated tokens' rows. Both fix the order of their arithmetic per output element,
+ * so a row's bits never depend on the batch it came in (server/engine.py relies on it).
+ *
+ * Products: y[M, N] = x[M, K] @ W[N, K]^T.
+ *
+ * x and y are fp32; W stays in its Q4_1 or Q8_0 blocks (5 or 8.5 bits a weight instead of 32),
+ * so a forward reads about a sixth of the bytes of the dequantized fp32 model. A weight is
+ * dequantized exactly as gguf-py (and so transformers) does it: d * q + m, a product then a sum,
+ * each rounded to fp32, never fused.
+ *
+ * One fixed order of arithmetic per output element, whatever M, the tile or the thread:
+ * eight lanes, lane l accumulating x[k] * w[k] for k = l (mod 8) with fused multiply-adds, block
+ * after block, then the lanes summed as ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). So a row's result
+ * has the same bits alone or among any other rows, which is what lets one forward serve many
+ * sessions exactly (server/engine.py). The portable code below performs the same operations one
+ * lane at a time and gives the same bits as the AVX2 code; tests compare the two.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2 }; /* server/quant.py names them */
+#define QK 32                          /* weights per block */
+#define Q4_1_BYTES 20                  /* fp16 d, fp16 m, 16 bytes of nibbles */
+#define Q8_0_BYTES 34                  /* fp16 d, 32 int8 */
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *x;
+    const uint8_t *w;
+    float *y;
+    long m, n, k, ldy;
+    int kind, portable;
+} Job;
+
+/* Attention of n query rows, row j at position start + j, each over positions [0, start + j]:
+ * q [n, H, Dh], keys and values [G, T, Dh] with strides (sg, st), out [n, H * Dh]. */
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    long n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st;
+    float scale;
+    int portable;
+    atomic_int failed; /* a part could not allocate its scores */
+} Attn;
+
+typedef struct {
+    void (*run)(const void *args, int part, int parts);
+    const void *args;
+} Task;
+
+static long row_bytes(int kind, long k) { return (k / QK) * (kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES); }
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        float v = ldexpf((float)mant, -24); /* zero or subnormal, exact */
+        return sign ? -v : v;
+    }
+    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t load_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* ---- portable: the reference order, one lane at a time -------------------------------------- */
+
+static void dequant_block(int kind, const uint8_t *b, float *w) {
+    if (kind == KIND_Q4_1) {
+        float d = half_to_float(load_u16(b)), m = half_to_float(load_u16(b + 2));
+        for (int j = 0; j < 16; j++) {
+            w[j] = d * (float)(b[4 + j] & 0x0f) + m; /* built with -ffp-contract=off: never fused */
+            w[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+        }
+    } else {
+        float d = half_to_float(load_u16(b));
+        for (int j = 0; j < QK; j++) w[j] = d * (float)(int8_t)b[2 + j];
+    }
+}
+
+static float lanes_sum(const float *l) {
+    float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
+    return (a0 + a2) + (a1 + a3);
+}
+
+static void part_portable(const Job *J, long n0, long n1) {
+    long nb = J->k / QK, rb = row_bytes(J->kind, J->k), bb = rb / nb;
+    float w[QK];
+    for (long n = n0; n < n1; n++) {
+        for (long r = 0; r < J->m; r++) {
+            float acc[8] = {0};
+            const float *x = J->x + r * J->k;
+            for (long b = 0; b < nb; b++) {
+                dequant_block(J->kind, J->w + n * rb + b * bb, w);
+                for (int j = 0; j < QK; j++) acc[j % 8] = fmaf(x[b * QK + j], w[j], acc[j % 8]);
+            }
+            J->y[r * J->ldy + n] = lanes_sum(acc);
+        }
+    }
+}
+
+/* ---- AVX2: the same operations, eight lanes at once, in tiles of NT weight rows x MT x rows --- */
+
+#ifdef HAVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#define ATTR static inline __attribute__((always_inline))
+
+ATTR void dequant8(int kind, const uint8_t *b, __m256 *w) {
+    if (kind == KIND_Q4_1) {
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(b))), m = _mm256_set1_ps(_cvtsh_ss(load_u16(b + 2)));
+        __m128i v = _mm_loadu_si128((const __m128i *)(b + 4)), nib = _mm_set1_epi8(0x0f);
+        __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+        __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int j = 0; j < 4; j++)
+            w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[j]))), m);
+    } else {
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(b)));
+        for (int j = 0; j < 4; j++) {
+            __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * j));
+            w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+        }
+    }
+}
+
+ATTR float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Output rows n0.. n0+NT-1 for x rows r0.. r0+MT-1. The weights come dequantized from their
+ * blocks (SCR = 0) or from `ws`, where they were dequantized once for all x rows (SCR = 1). */
+ATTR void tile(const Job *J, int kind, long n0, long r0, const int NT, const int MT, const int SCR,
+               const float *ws) {
+    long nb = J->k / QK, rb = row_bytes(kind, J->k), bb = rb / nb;
+    __m256 acc[4][4], w[4];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) acc[t][r] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            if (SCR) {
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) w[j] = _mm256_load_ps(ws + t * J->k + b * QK + 8 * j);
+            } else {
+                dequant8(kind, J->w + (n0 + t) * rb + b * bb, w);
+            }
+            _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) {
+                const float *x = J->x + (r0 + r) * J->k + b * QK;
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[t][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), w[j], acc[t][r]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) J->y[(r0 + r) * J->ldy + n0 + t] = hsum8(acc[t][r]);
+}
+
+/* All x rows against NT output rows. Every path does the same per-element work (see the top). */
+#define ROWS(kind, NT)                                                                      \
+    static void rows_##kind##_##NT(const Job *J, long n0, float *ws) {                      \
+        long r = 0, nb = J->k / QK, rb = row_bytes(kind, J->k), bb = rb / nb;               \
+        switch (J->m) {                                                                     \
+            case 1: tile(J, kind, n0, 0, NT, 1, 0, NULL); return;                           \
+            case 2: tile(J, kind, n0, 0, NT, 2, 0, NULL); return;                           \
+            case 3: tile(J, kind, n0, 0, NT, 3, 0, NULL); return;                           \
+            case 4: tile(J, kind, n0, 0, NT, 4, 0, NULL); return;                           \
+        }                                                                                   \
+        for (int t = 0; t < NT; t++)                                                        \
+            for (long b = 0; b < nb; b++) {                                                 \
+                __m256 w[4];                                                                \
+                dequant8(kind, J->w + (n0 + t) * rb + b * bb, w);                           \
+                for (int j = 0; j < 4; j++) _mm256_store_ps(ws + t * J->k + b * QK + 8 * j, w[j]); \
+            }                                                                               \
+        for (; r + 4 <= J->m; r += 4) tile(J, kind, n0, r, NT, 4, 1, ws);                   \
+        switch (J->m - r) {                                                                 \
+            case 3: tile(J, kind, n0, r, NT, 3, 1, ws); break;                              \
+            case 2: tile(J, kind, n0, r, NT, 2, 1, ws); break;                              \
+            case 1: tile(J, kind, n0, r, NT, 1, 1, ws); break;                              \
+        }                                                                                   \
+    }
+ROWS(KIND_Q4_1, 1)
+ROWS(KIND_Q4_1, 2)
+ROWS(KIND_Q4_1, 4)
+ROWS(KIND_Q8_0, 1)
+ROWS(KIND_Q8_0, 2)
+ROWS(KIND_Q8_0, 4)
+
+static void part_avx2(const Job *J, long n0, long n1) {
+    int q4 = J->kind == KIND_Q4_1;
+    /* One x row: four weight rows at a time keep four FMA chains in flight; more x rows: two. */
+    int nt = J->m == 1 ? 4 : 2;
+    float *ws = J->m > 4 ? aligned_alloc(32, (size_t)nt * J->k * sizeof(float)) : NULL;
+    if (J->m > 4 && !ws) { part_portable(J, n0, n1); return; }
+    long n = n0;
+    for (; n + nt <= n1; n += nt) {
+        if (nt == 4) q4 ? rows_KIND_Q4_1_4(J, n, ws) : rows_KIND_Q8_0_4(J, n, ws);
+        else q4 ? rows_KIND_Q4_1_2(J, n, ws) : rows_KIND_Q8_0_2(J, n, ws);
+    }
+    for (; n < n1; n++) q4 ? rows_KIND_Q4_1_1(J, n, ws) : rows_KIND_Q8_0_1(J, n, ws);
+    free(ws);
+}
+
+#pragma GCC pop_options
+
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+static void part_avx2(const Job *J, long n0, long n1) { part_portable(J, n0, n1); }
+static int have_avx2(void) { return 0; }
+#endif
+
+static void matmul_part(const void *args, int part, int parts) {
+    const Job *J = args;
+    /* Split the weight rows in multiples of 4, so every part keeps whole tiles. */
+    long per = ((J->n + parts - 1) / parts + 3) & ~3L;
+    long n0 = part * per, n1 = n0 + per < J->n ? n0 + per : J->n;
+    if (n0 >= n1) return;
+    if (J->portable) part_portable(J, n0, n1);
+    else part_avx2(J, n0, n1);
+}
+
+/* ---- attention: per (row, head), scores, softmax and the weighted values in a fixed order ---- */
+
+/* Scores: lane l of a dot product accumulates q[d] k[d] for d = l (mod 8), summed as in a product,
+ * times the scale. Softmax: the max; exp(score - max) by exp_lane below; their sum in eight lanes,
+ * lane l taking positions i = l (mod 8) in order, summed as a product's lanes. Output: per
+ * dimension, the fused multiply-add chain of weight x value in position order, divided by the sum.
+ *
+ * exp_lane: Cephes' expf polynomial, written as fixed fused and plain operations so that both
+ * paths give the same bits (libm's expf may differ between machines). Arguments are <= 0 here;
+ * below -87 the result is 2^-126-ish instead of a subnormal, a weight of ~1e-38 either way. */
+#define EXP_LO -87.0f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+static const float EXP_C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+static float exp_lane(float x) {
+    x = x < EXP_LO ? EXP_LO : x;
+    float n = rintf(x * LOG2E);
+    float r = fmaf(n, -LN2_HI, x);
+    r = fmaf(n, -LN2_LO, r);
+    float p = EXP_C[0];
+    for (int c = 1; c < 6; c++) p = fmaf(p, r, EXP_C[c]);
+    float y = fmaf(p, r * r, r) + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return y * scale;
+}
+
+static void attn_portable(const Attn *A, long j, long h, float *s) {
+    long t = A->start + j + 1, g = h / (A->heads / A->kv_heads), dh = A->dh;
+    const float *q = A->q + (j * A->heads + h) * dh;
+    float mx = -INFINITY, lanes[8] = {0};
+    for (long i = 0; i < t; i++) {
+        const float *k = A->k + g * A->k_sg + i * A->k_st;
+        float acc[8] = {0};
+        for (long d = 0; d < dh; d++) acc[d % 8] = fmaf(q[d], k[d], acc[d % 8]);
+        s[i] = lanes_sum(acc) * A->scale;
+        mx = s[i] > mx ? s[i] : mx;
+    }
+    for (long i = 0; i < t; i++) {
+        s[i] = exp_lane(s[i] - mx);
+        lanes[i % 8] += s[i];
+    }
+    float sum = lanes_sum(lanes), *out = A->out + j * A->heads * dh + h * dh;
+    for (long d = 0; d < dh; d++) out[d] = 0.f;
+    for (long i = 0; i < t; i++) {
+        const float *v = A->v + g * A->v_sg + i * A->v_st;
+        for (long d = 0; d < dh; d++) out[d] = fmaf(s[i], v[d], out[d]);
+    }
+    for (long d = 0; d < dh; d++) out[d] = out[d] / sum;
+}
+
+#ifdef HAVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MAX_DH 256
+
+ATTR __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)); /* x is never NaN here: scores of finite rows */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_C[0]);
+    for (int c = 1; c < 6; c++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C[c]));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+ATTR float dot1(const float *q, long nv, const float *k, float scale) {
+    __m256 acc = _mm256_setzero_ps();
+    for (long c = 0; c < nv; c++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(k + 8 * c), acc);
+    return hsum8(acc) * scale;
+}
+
+/* Scores of two queries against four keys from k0 (stride st): eight chains in flight. */
+ATTR void dot4x2(const float *qa, const float *qb, long nv, const float *k0, long st, float *sa, float *sb,
+                 float scale) {
+    __m256 a[4], b[4];
+    for (int x = 0; x < 4; x++) a[x] = b[x] = _mm256_setzero_ps();
+    for (long c = 0; c < nv; c++) {
+        __m256 va = _mm256_loadu_ps(qa + 8 * c), vb = _mm256_loadu_ps(qb + 8 * c);
+        for (int x = 0; x < 4; x++) {
+            __m256 k = _mm256_loadu_ps(k0 + x * st + 8 * c);
+            a[x] = _mm256_fmadd_ps(va, k, a[x]);
+            b[x] = _mm256_fmadd_ps(vb, k, b[x]);
+        }
+    }
+    for (int x = 0; x < 4; x++) {
+        sa[x] = hsum8(a[x]) * scale;
+        sb[x] = hsum8(b[x]) * scale;
+    }
+}
+
+/* Queries (j[u], h[u]), u < nq, all of KV head g, in blocks of KEY_BLOCK positions so that a block of
+ * keys and values is read from memory once for all of them. s: nq rows of `ld` scores. */
+#define KEY_BLOCK 64
+static void attn_group_avx2(const Attn *A, long g, const long *js, const long *hs, long nq, float *s, long ld) {
+    long nv = A->dh / 8, tmax = 0;
+    const float *kg = A->k + g * A->k_sg, *vg = A->v + g * A->v_sg;
+    for (long u = 0; u < nq; u++) tmax = A->start + js[u] + 1 > tmax ? A->start + js[u] + 1 : tmax;
+    for (long i0 = 0; i0 < tmax; i0 += KEY_BLOCK) {
+        for (long u = 0; u < nq; u += 2) {
+            /* Two queries at once over the keys both see, four keys at a time: eight chains. */
+            long t0 = A->start + js[u] + 1, t1 = u + 1 < nq ? A->start + js[u + 1] + 1 : 0;
+            long both = (t1 < t0 ? t1 : t0), i1 = i0 + KEY_BLOCK < both ? i0 + KEY_BLOCK : both, i = i0;
+            const float *q0 = A->q + (js[u] * A->heads + hs[u]) * A->dh;
+            for (; i + 4 <= i1; i += 4)
+                dot4x2(q0, q0 + (js[u + 1] - js[u]) * A->heads * A->dh + (hs[u + 1] - hs[u]) * A->dh, nv,
+                       kg + i * A->k_st, A->k_st, s + u * ld + i, s + (u + 1) * ld + i, A->scale);
+            for (long w = u; w < u + 2 && w < nq; w++) {
+                long t = A->start + js[w] + 1, end = i0 + KEY_BLOCK < t ? i0 + KEY_BLOCK : t;
+                for (long x = i; x < end; x++) s[w * ld + x] = dot1(A->q + (js[w] * A->heads + hs[w]) * A->dh, nv,
+                                                                     kg + x * A->k_st, A->scale);
+            }
+        }
+    }
+    float sums[nq];
+    for (long u = 0; u < nq; u++) {
+        long t = A->start + js[u] + 1, i;
+        float *su = s + u * ld, mx = -INFINITY;
+        for (i = 0; i < t; i++) mx = su[i] > mx ? su[i] : mx;
+        __m256 m = _mm256_set1_ps(mx), lanes = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= t; i += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(su + i), m));
+            _mm256_storeu_ps(su + i, e);
+            lanes = _mm256_add_ps(lanes, e);
+        }
+        if (i < t) { /* the tail: its lanes of one more vector */
+            float tail[8] = {0}, lane[8];
+            for (long x = i; x < t; x++) tail[x - i] = su[x];
+            _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), m)));
+            _mm256_storeu_ps(lane, lanes);
+            for (long x = i; x < t; x++) {
+                su[x] = tail[x - i];
+                lane[x - i] += su[x];
+            }
+            lanes = _mm256_loadu_ps(lane);
+        }
+        sums[u] = hsum8(lanes);
+        float *out = A->out + js[u] * A->heads * A->dh + hs[u] * A->dh;
+        for (long c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_setzero_ps());
+    }
+    for (long i0 = 0; i0 < tmax; i0 += KEY_BLOCK) {
+        for (long u = 0; u < nq; u++) {
+            long t = A->start + js[u] + 1, i1 = i0 + KEY_BLOCK < t ? i0 + KEY_BLOCK : t;
+            if (i0 >= t) continue;
+            float *out = A->out + js[u] * A->heads * A->dh + hs[u] * A->dh;
+            const float *su = s + u * ld;
+            __m256 o[MAX_DH / 8];
+            for (long c = 0; c < nv; c++) o[c] = _mm256_loadu_ps(out + 8 * c);
+            for (long i = i0; i < i1; i++) {
+                __m256 e = _mm256_set1_ps(su[i]);
+                for (long c = 0; c < nv; c++) o[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vg + i * A->v_st + 8 * c), o[c]);
+            }
+            for (long c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, o[c]);
+        }
+    }
+    for (long u = 0; u < nq; u++) {
+        float *out = A->out + js[u] * A->heads * A->dh + hs[u] * A->dh;
+        __m256 sv = _mm256_set1_ps(sums[u]);
+        for (long c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_div_ps(_mm256_loadu_ps(out + 8 * c), sv));
+    }
+}
+#pragma GCC pop_options
+#endif
+
+#define GROUP_QUERIES 64 /* queries of one KV head that share a pass over its keys */
+
+/* Items are (KV head, row, head of the group), KV head first, so a part's items share keys. */
+static void attend_part(const void *args, int part, int parts) {
+    Attn *A = (Attn *)args;
+    long hpg = A->heads / A->kv_heads, per_g = A->n * hpg, items = A->kv_heads * per_g;
+    long per = (items + parts - 1) / parts, a = part * per, b = a + per < items ? a + per : items;
+    if (a >= b) return;
+    long ld = A->start + A->n;
+    float *s = malloc((size_t)GROUP_QUERIES * ld * sizeof(float));
+    if (!s) {
+        atomic_store(&A->failed, 1);
+        return;
+    }
+    long js[GROUP_QUERIES], hs[GROUP_QUERIES];
+    for (long it = a; it < b;) {
+        long g = it / per_g, nq = 0;
+        for (; it < b && it / per_g == g && nq < GROUP_QUERIES; it++, nq++) {
+            js[nq] = it % per_g / hpg;
+            hs[nq] = g * hpg + it % hpg;
+        }
+        if (A->portable) {
+            for (long u = 0; u < nq; u++) attn_portable(A, js[u], hs[u], s);
+        } else {
+#ifdef HAVE_X86
+            attn_group_avx2(A, g, js, hs, nq, s, ld);
+#else
+            for (long u = 0; u < nq; u++) attn_portable(A, js[u], hs[u], s);
+#endif
+        }
+    }
+    free(s);
+}
+
+/* ---- a small thread pool: workers wait on a condition variable, after a short spin -------- */
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one task at a time */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER, finished = PTHREAD_COND_INITIALIZER;
+static Task task;
+static int workers, task_parts;
+static atomic_long generation;
+static atomic_int pending;
+#define SPIN 4000 /* polls, about 10-40 us: a forward's next task usually comes sooner */
+
+static void cpu_relax(void) {
+#ifdef HAVE_X86
+    _mm_pause();
+#endif
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        for (int i = 0; i < SPIN && atomic_load(&generation) == seen; i++) cpu_relax();
+        if (atomic_load(&generation) == seen) {
+            pthread_mutex_lock(&mu);
+            while (atomic_load(&generation) == seen) pthread_cond_wait(&wake, &mu);
+            pthread_mutex_unlock(&mu);
+        }
+        seen = atomic_load(&generation);
+        if (id < task_parts) task.run(task.args, id, task_parts);
+        if (atomic_fetch_sub(&pending, 1) == 1) {
+            pthread_mutex_lock(&mu);
+            pthread_cond_signal(&finished);
+            pthread_mutex_unlock(&mu);
+        }
+    }
+    return NULL;
+}
+
+static int ensure_workers(int n) {
+    while (workers < n) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(workers + 1)) != 0) return -1;
+        pthread_detach(t);
+        workers++;
+    }
+    return 0;
+}
+
+/* Run `run` in `threads` parts, this thread doing part 0; small tasks stay on this thread. */
+static void run_task(void (*run)(const void *, int, int), const void *args, int threads, long work) {
+    pthread_mutex_lock(&call_lock);
+    if (threads > 1 && work >= (1L << 16) && ensure_workers(threads - 1) == 0) {
+        task.run = run;
+        task.args = args;
+        task_parts = threads;
+        atomic_store(&pending, workers);
+        pthread_mutex_lock(&mu);
+        atomic_fetch_add(&generation, 1);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&mu);
+        run(args, 0, threads);
+        for (int i = 0; i < SPIN && atomic_load(&pending) > 0; i++) cpu_relax();
+        pthread_mutex_lock(&mu);
+        while (atomic_load(&pending) > 0) pthread_cond_wait(&finished, &mu);
+        pthread_mutex_unlock(&mu);
+    } else {
+        run(args, 0, 1);
+    }
+    pthread_mutex_unlock(&call_lock);
+}
+
+/* ---- Python: over buffer addresses the caller keeps alive and checks the shapes of ---------- */
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    long m, n, k, ldy;
+    int kind, threads, portable;
+    if (!PyArg_ParseTuple(args, "KKKlllliip", &x, &w, &y, &m, &n, &k, &ldy, &kind, &threads, &portable))
+        return NULL;
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || m < 0 || n < 0 || k <= 0 || k % QK || ldy < n ||
+        threads < 1 || threads > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "bad quantized product arguments");
+        return NULL;
+    }
+    Job J = {(const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)y,
+             m, n, k, ldy, kind, portable || !have_avx2()};
+    Py_BEGIN_ALLOW_THREADS
+    run_task(matmul_part, &J, threads, m * n * k);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out;
+    long n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st;
+    float scale;
+    int threads, portable;
+    if (!PyArg_ParseTuple(args, "KKKKlllllllllfip", &q, &k, &v, &out, &n, &heads, &kv_heads, &dh, &start,
+                          &k_sg, &k_st, &v_sg, &v_st, &scale, &threads, &portable))
+        return NULL;
+    if (n < 0 || heads < 1 || kv_heads < 1 || heads % kv_heads || dh < 8 || dh % 8 || dh > 256 || start < 0 ||
+        threads < 1 || threads > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "bad attention arguments");
+        return NULL;
+    }
+    Attn A = {(const float *)(uintptr_t)q, (const float *)(uintptr_t)k, (const float *)(uintptr_t)v,
+              (float *)(uintptr_t)out, n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st, scale,
+              portable || !have_avx2(), 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_task(attend_part, &A, threads, n * heads * (start + n) * dh);
+    Py_END_ALLOW_THREADS
+    if (atomic_load(&A.failed)) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *noargs) { return PyBool_FromLong(have_avx2()); }
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, "y[m, n] = x[m, k] @ W[n, k]^T over quantized blocks at raw addresses"},
+    {"attend", py_attend, METH_VARARGS, "attention of generated rows, each over its own past, at raw addresses"},
+    {"simd", py_simd, METH_NOARGS, "whether the AVX2 kernels run on this CPU"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,71 @@
+"""The anchor's CPU kernels (server/_kernels.c), over torch tensors.
+
+Each fixes the order of its arithmetic per output element, so a row's bits are the same alone
+and among any other rows: quantized matrix products, and the attention of generated rows.
+`portable=True` runs the plain C code instead of AVX2; the two give the same bits (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from server import _kernels
+except ImportError:  # not built (pip install -e . builds it): the engine falls back to torch
+    _kernels = None
+
+KIND = {"Q4_1": 1, "Q8_0": 2}  # server/_kernels.c's kind numbers
+MAX_HEAD_DIM = 256
+MAX_THREADS = 64
+
+# One pool of threads serves every kernel call in the process, one call at a time.
+_threads = torch.get_num_threads()
+
+
+def available() -> bool:
+    return _kernels is not None
+
+
+def set_threads(n: int) -> None:
+    """Threads each kernel call runs on (HPI_THREADS)."""
+    global _threads
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"threads must be within 1..{MAX_THREADS}")
+    _threads = n
+
+
+def threads() -> int:
+    return _threads
+
+
+def matmul_blocks(x: torch.Tensor, blocks: torch.Tensor, kind: str, k: int, portable: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 @ W^T, W [N, K] as `blocks` [N, row bytes] uint8 of `kind`: y [M, N] fp32."""
+    x = x.float().contiguous()
+    if x.dim() != 2 or x.shape[1] != k or not blocks.is_contiguous() or blocks.dtype != torch.uint8:
+        raise ValueError(f"x of shape {tuple(x.shape)} against a [{blocks.shape[0]}, {k}] {kind} weight")
+    y = torch.empty(x.shape[0], blocks.shape[0])
+    _kernels.matmul(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], k,
+                    blocks.shape[0], KIND[kind], _threads, portable)
+    return y
+
+
+def can_attend(head_dim: int) -> bool:
+    return available() and head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
+           portable: bool = False) -> torch.Tensor:
+    """Query rows q [H, n, Dh], row j at position start + j, each attending over keys and values
+    [G, T, Dh] at positions [0, start + j] alone: out [n, H Dh]."""
+    H, n, Dh = q.shape
+    G, T, _ = keys.shape
+    if T < start + n or values.shape != keys.shape or H % G or not can_attend(Dh):
+        raise ValueError(f"attention of {n} rows at {start} over {T} positions: shapes do not fit")
+    q = q.float().transpose(0, 1).contiguous()  # [n, H, Dh]
+    keys, values = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
+                    for t in (keys, values))
+    out = torch.empty(n, H * Dh)
+    _kernels.attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), n, H, G, Dh, start,
+                    keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), scale,
+                    _threads, portable)
+    return out
