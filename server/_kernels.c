@@ -91,6 +91,20 @@ static void dequant_block(int kind, const uint8_t *b, float *w) {
     }
 }
 
+/* A thread's scratch floats, kept between calls: fresh allocations of this size would go to mmap
+ * and fault their pages in on every call. NULL when memory runs out. */
+static float *scratch(size_t n) {
+    static __thread float *buf;
+    static __thread size_t cap;
+    if (n > cap) {
+        free(buf);
+        cap = n + n / 4;
+        buf = aligned_alloc(32, (cap * sizeof(float) + 31) & ~(size_t)31);
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
+
 static float lanes_sum(const float *l) {
     float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
     return (a0 + a2) + (a1 + a3);
@@ -202,7 +216,7 @@ static void part_avx2(const Job *J, long n0, long n1) {
     int q4 = J->kind == KIND_Q4_1;
     /* One x row: four weight rows at a time keep four FMA chains in flight; more x rows: two. */
     int nt = J->m == 1 ? 4 : 2;
-    float *ws = J->m > 4 ? aligned_alloc(32, (size_t)nt * J->k * sizeof(float)) : NULL;
+    float *ws = J->m > 4 ? scratch((size_t)nt * J->k) : NULL;
     if (J->m > 4 && !ws) { part_portable(J, n0, n1); return; }
     long n = n0;
     for (; n + nt <= n1; n += nt) {
@@ -210,7 +224,6 @@ static void part_avx2(const Job *J, long n0, long n1) {
         else q4 ? rows_KIND_Q4_1_2(J, n, ws) : rows_KIND_Q8_0_2(J, n, ws);
     }
     for (; n < n1; n++) q4 ? rows_KIND_Q4_1_1(J, n, ws) : rows_KIND_Q8_0_1(J, n, ws);
-    free(ws);
 }
 
 #pragma GCC pop_options
@@ -331,6 +344,17 @@ ATTR void dot4x2(const float *qa, const float *qb, long nv, const float *k0, lon
     }
 }
 
+/* out[0 .. 8W) += sum over positions i0..i1-1 of weight s[i] x value i, in position order. */
+ATTR void weigh_values(const float *s, const float *v, long st, long i0, long i1, float *out, const int W) {
+    __m256 o[8];
+    _Pragma("GCC unroll 8") for (int c = 0; c < W; c++) o[c] = _mm256_loadu_ps(out + 8 * c);
+    for (long i = i0; i < i1; i++) {
+        __m256 e = _mm256_set1_ps(s[i]);
+        _Pragma("GCC unroll 8") for (int c = 0; c < W; c++) o[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(v + i * st + 8 * c), o[c]);
+    }
+    _Pragma("GCC unroll 8") for (int c = 0; c < W; c++) _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+
 /* Queries (j[u], h[u]), u < nq, all of KV head g, in blocks of KEY_BLOCK positions so that a block of
  * keys and values is read from memory once for all of them. s: nq rows of `ld` scores. */
 #define KEY_BLOCK 64
@@ -386,13 +410,11 @@ static void attn_group_avx2(const Attn *A, long g, const long *js, const long *h
             if (i0 >= t) continue;
             float *out = A->out + js[u] * A->heads * A->dh + hs[u] * A->dh;
             const float *su = s + u * ld;
-            __m256 o[MAX_DH / 8];
-            for (long c = 0; c < nv; c++) o[c] = _mm256_loadu_ps(out + 8 * c);
-            for (long i = i0; i < i1; i++) {
-                __m256 e = _mm256_set1_ps(su[i]);
-                for (long c = 0; c < nv; c++) o[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vg + i * A->v_st + 8 * c), o[c]);
-            }
-            for (long c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, o[c]);
+            long c = 0; /* dimensions in register-sized chunks, so the sums stay in registers */
+            for (; c + 8 <= nv; c += 8) weigh_values(su, vg + 8 * c, A->v_st, i0, i1, out + 8 * c, 8);
+            if (c + 4 <= nv) weigh_values(su, vg + 8 * c, A->v_st, i0, i1, out + 8 * c, 4), c += 4;
+            if (c + 2 <= nv) weigh_values(su, vg + 8 * c, A->v_st, i0, i1, out + 8 * c, 2), c += 2;
+            if (c < nv) weigh_values(su, vg + 8 * c, A->v_st, i0, i1, out + 8 * c, 1);
         }
     }
     for (long u = 0; u < nq; u++) {
@@ -413,7 +435,7 @@ static void attend_part(const void *args, int part, int parts) {
     long per = (items + parts - 1) / parts, a = part * per, b = a + per < items ? a + per : items;
     if (a >= b) return;
     long ld = A->start + A->n;
-    float *s = malloc((size_t)GROUP_QUERIES * ld * sizeof(float));
+    float *s = scratch((size_t)(b - a < GROUP_QUERIES ? b - a : GROUP_QUERIES) * ld);
     if (!s) {
         atomic_store(&A->failed, 1);
         return;
@@ -435,7 +457,6 @@ static void attend_part(const void *args, int part, int parts) {
 #endif
         }
     }
-    free(s);
 }
 
 /* ---- a small thread pool: workers wait on a condition variable, after a short spin -------- */
@@ -447,7 +468,7 @@ static Task task;
 static int workers, task_parts;
 static atomic_long generation;
 static atomic_int pending;
-#define SPIN 4000 /* polls, about 10-40 us: a forward's next task usually comes sooner */
+#define SPIN 256 /* polls (a few us) before sleeping: longer spins cost more CPU between a forward's tasks than they save */
 
 static void cpu_relax(void) {
 #ifdef HAVE_X86
