@@ -6,7 +6,8 @@ forwards the anchor runs: one decoding row (anchor-only answers), a verification
 rows (16 drafts and the token after them) and a 256-row prompt chunk (prefill), and reports
 the median wall and CPU time (the process's, threads included) per forward. Torch's own ops
 run on one thread inside the forward, as the scheduler runs them when the kernels do the
-products; the fp32 engine gets torch's threads for its BLAS products.
+products ("blocks"); "blocks, torch N" gives torch the same N threads as the kernels, to
+show what their two pools cost each other; the fp32 engine gets torch's threads for its BLAS.
 
     python -m bench.engine                  # docs/results/engine.json, table in docs/serving.md
     python -m bench.engine --repeats 2 --no-docs
@@ -68,17 +69,19 @@ def run(argv: list[str] | None = None) -> dict:
             e.forward([Seq(caches[name], ids[at:at + 256], generated=False, all_logits=False)])
 
     threads = [int(t) for t in args.threads.split(",")]
+    configs = [(name, th, 1 if name == "blocks" else th) for name in engines for th in threads]
+    configs += [("blocks", th, th) for th in threads if th > 1]
     samples: dict[tuple, list] = {}
     for rep in range(args.repeats):
-        for name, e in engines.items():
-            for th in threads:
-                kernels.set_threads(th)
-                torch.set_num_threads(1 if e.all_kernels else th)
-                cache = caches[name]
-                for shape, rows in SHAPES.items():
-                    seq = Seq(cache, ids[:rows], generated=rows < 256, all_logits=rows < 256)
-                    samples.setdefault((name, th, shape), []).append(timed(lambda: e.forward([seq])))
-                    cache.crop(-rows)
+        for name, th, torch_threads in configs:
+            e, cache = engines[name], caches[name]
+            kernels.set_threads(th)
+            torch.set_num_threads(torch_threads)
+            label = name if torch_threads == 1 or name == "fp32" else f"{name}, torch {torch_threads}"
+            for shape, rows in SHAPES.items():
+                seq = Seq(cache, ids[:rows], generated=rows < 256, all_logits=rows < 256)
+                samples.setdefault((label, th, shape), []).append(timed(lambda: e.forward([seq])))
+                cache.crop(-rows)
         print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
     rows = []

@@ -4,17 +4,22 @@
  *
  * Products: y[M, N] = x[M, K] @ W[N, K]^T.
  *
- * x and y are fp32; W stays in its Q4_1 or Q8_0 blocks (5 or 8.5 bits a weight instead of 32),
- * so a forward reads about a sixth of the bytes of the dequantized fp32 model. A weight is
- * dequantized exactly as gguf-py (and so transformers) does it: d * q + m, a product then a sum,
- * each rounded to fp32, never fused.
+ * x and y are fp32; W stays quantized (Q4_1 or Q8_0: 5 or 8.5 bits a weight instead of 32), so a
+ * forward reads about a sixth of the bytes of the dequantized fp32 model. A weight is dequantized
+ * exactly as gguf-py (and so transformers) does it: d * q + m, a product then a sum, each rounded
+ * to fp32, never fused. The blocks are regrouped at load (server/quant.py) into panels of eight
+ * output rows, so that eight outputs' weights for one k unpack into one vector:
  *
- * One fixed order of arithmetic per output element, whatever M, the tile or the thread:
- * eight lanes, lane l accumulating x[k] * w[k] for k = l (mod 8) with fused multiply-adds, block
- * after block, then the lanes summed as ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). So a row's result
- * has the same bits alone or among any other rows, which is what lets one forward serve many
- * sessions exactly (server/engine.py). The portable code below performs the same operations one
- * lane at a time and gives the same bits as the AVX2 code; tests compare the two.
+ *   panel p (rows 8p .. 8p+7), block b (k = 32b .. 32b+31):
+ *     d[8] fp16, then for Q4_1 m[8] fp16, then eight quads g (k = 32b + 4g + kk, kk < 4):
+ *     Q4_1: 16 bytes, byte i < 8 = q[i][kk=0] | q[i][kk=1] << 4, byte 8 + i = q[i][2] | q[i][3] << 4
+ *     Q8_0: 32 bytes, byte 8 kk + i = q[i][kk] (int8)
+ *
+ * The same bytes as the GGUF's blocks, in another order. One fixed order of arithmetic per
+ * output element, whatever M, the tile or the thread: acc = 0, then acc = fma(x[k], w[k], acc)
+ * for k = 0 .. K-1. So a row's result has the same bits alone or among any other rows, which is
+ * what lets one forward serve many sessions exactly. The portable code performs the same
+ * operations one at a time and gives the same bits as the AVX2 code; tests compare the two.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,11 +35,13 @@
 #define HAVE_X86 1
 #endif
 
-enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2 }; /* server/quant.py names them */
-#define QK 32                          /* weights per block */
-#define Q4_1_BYTES 20                  /* fp16 d, fp16 m, 16 bytes of nibbles */
-#define Q8_0_BYTES 34                  /* fp16 d, 32 int8 */
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2 }; /* server/kernels.py names them */
+#define QK 32                          /* weights per block along k */
+#define PANEL 8                        /* output rows per panel */
 #define MAX_THREADS 64
+
+/* bytes of one panel's block: the GGUF's block bytes times 8 */
+static long panel_block_bytes(int kind) { return kind == KIND_Q4_1 ? 160 : 272; }
 
 typedef struct {
     const float *x;
@@ -42,6 +49,7 @@ typedef struct {
     float *y;
     long m, n, k, ldy;
     int kind, portable;
+    atomic_int failed; /* a part could not allocate its scratch */
 } Job;
 
 /* Attention of n query rows, row j at position start + j, each over positions [0, start + j]:
@@ -60,8 +68,6 @@ typedef struct {
     const void *args;
 } Task;
 
-static long row_bytes(int kind, long k) { return (k / QK) * (kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES); }
-
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
     if (exp == 0) {
@@ -75,21 +81,6 @@ static float half_to_float(uint16_t h) {
 }
 
 static uint16_t load_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
-/* ---- portable: the reference order, one lane at a time -------------------------------------- */
-
-static void dequant_block(int kind, const uint8_t *b, float *w) {
-    if (kind == KIND_Q4_1) {
-        float d = half_to_float(load_u16(b)), m = half_to_float(load_u16(b + 2));
-        for (int j = 0; j < 16; j++) {
-            w[j] = d * (float)(b[4 + j] & 0x0f) + m; /* built with -ffp-contract=off: never fused */
-            w[j + 16] = d * (float)(b[4 + j] >> 4) + m;
-        }
-    } else {
-        float d = half_to_float(load_u16(b));
-        for (int j = 0; j < QK; j++) w[j] = d * (float)(int8_t)b[2 + j];
-    }
-}
 
 /* A thread's scratch floats, kept between calls: fresh allocations of this size would go to mmap
  * and fault their pages in on every call. NULL when memory runs out. */
@@ -110,23 +101,48 @@ static float lanes_sum(const float *l) {
     return (a0 + a2) + (a1 + a3);
 }
 
-static void part_portable(const Job *J, long n0, long n1) {
-    long nb = J->k / QK, rb = row_bytes(J->kind, J->k), bb = rb / nb;
-    float w[QK];
-    for (long n = n0; n < n1; n++) {
-        for (long r = 0; r < J->m; r++) {
-            float acc[8] = {0};
-            const float *x = J->x + r * J->k;
-            for (long b = 0; b < nb; b++) {
-                dequant_block(J->kind, J->w + n * rb + b * bb, w);
-                for (int j = 0; j < QK; j++) acc[j % 8] = fmaf(x[b * QK + j], w[j], acc[j % 8]);
+/* ---- portable: the reference order, one element at a time ---------------------------------- */
+
+/* A panel's weights, ws[k * 8 + i] = W[8p + i][k]. */
+static void dequant_panel(int kind, const uint8_t *panel, long k, float *ws) {
+    for (long b = 0; b < k / QK; b++) {
+        const uint8_t *pb = panel + b * panel_block_bytes(kind);
+        for (int i = 0; i < PANEL; i++) {
+            float d = half_to_float(load_u16(pb + 2 * i));
+            float m = kind == KIND_Q4_1 ? half_to_float(load_u16(pb + 16 + 2 * i)) : 0.f;
+            for (int j = 0; j < QK; j++) {
+                int g = j / 4, kk = j % 4;
+                float w;
+                if (kind == KIND_Q4_1) {
+                    uint8_t byte = pb[32 + 16 * g + (kk / 2) * 8 + i];
+                    w = d * (float)(kk % 2 ? byte >> 4 : byte & 0x0f) + m; /* -ffp-contract=off: never fused */
+                } else {
+                    w = d * (float)(int8_t)pb[16 + 32 * g + 8 * kk + i];
+                }
+                ws[(b * QK + j) * PANEL + i] = w;
             }
-            J->y[r * J->ldy + n] = lanes_sum(acc);
         }
     }
 }
 
-/* ---- AVX2: the same operations, eight lanes at once, in tiles of NT weight rows x MT x rows --- */
+static void part_portable(Job *J, long p0, long p1) {
+    float *ws = scratch((size_t)J->k * PANEL);
+    if (!ws) {
+        atomic_store(&J->failed, 1);
+        return;
+    }
+    for (long p = p0; p < p1; p++) {
+        dequant_panel(J->kind, J->w + p * (J->k / QK) * panel_block_bytes(J->kind), J->k, ws);
+        for (long r = 0; r < J->m; r++)
+            for (int i = 0; i < PANEL; i++) {
+                float acc = 0.f;
+                for (long k = 0; k < J->k; k++) acc = fmaf(J->x[r * J->k + k], ws[k * PANEL + i], acc);
+                J->y[r * J->ldy + p * PANEL + i] = acc;
+            }
+    }
+}
+
+/* ---- AVX2: the same operations, eight outputs at once ------------------------------------- */
 
 #ifdef HAVE_X86
 #pragma GCC push_options
@@ -134,21 +150,25 @@ static void part_portable(const Job *J, long n0, long n1) {
 
 #define ATTR static inline __attribute__((always_inline))
 
-ATTR void dequant8(int kind, const uint8_t *b, __m256 *w) {
+/* The weights of quad g of a panel's block: w[kk] = W[8p .. 8p+7][32b + 4g + kk]. */
+ATTR void dequant_quad(int kind, const uint8_t *pb, int g, __m256 d, __m256 m, __m256 *w) {
     if (kind == KIND_Q4_1) {
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(b))), m = _mm256_set1_ps(_cvtsh_ss(load_u16(b + 2)));
-        __m128i v = _mm_loadu_si128((const __m128i *)(b + 4)), nib = _mm_set1_epi8(0x0f);
+        __m128i v = _mm_loadu_si128((const __m128i *)(pb + 32 + 16 * g)), nib = _mm_set1_epi8(0x0f);
         __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
-        __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int j = 0; j < 4; j++)
-            w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[j]))), m);
+        __m128i q[4] = {lo, hi, _mm_srli_si128(lo, 8), _mm_srli_si128(hi, 8)};
+        for (int kk = 0; kk < 4; kk++)
+            w[kk] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[kk]))), m);
     } else {
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(b)));
-        for (int j = 0; j < 4; j++) {
-            __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * j));
-            w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+        for (int kk = 0; kk < 4; kk++) {
+            __m128i q = _mm_loadl_epi64((const __m128i *)(pb + 16 + 32 * g + 8 * kk));
+            w[kk] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
         }
     }
+}
+
+ATTR void block_scales(int kind, const uint8_t *pb, __m256 *d, __m256 *m) {
+    *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)pb));
+    *m = kind == KIND_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(pb + 16))) : _mm256_setzero_ps();
 }
 
 ATTR float hsum8(__m256 v) {
@@ -157,73 +177,119 @@ ATTR float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* Output rows n0.. n0+NT-1 for x rows r0.. r0+MT-1. The weights come dequantized from their
- * blocks (SCR = 0) or from `ws`, where they were dequantized once for all x rows (SCR = 1). */
-ATTR void tile(const Job *J, int kind, long n0, long r0, const int NT, const int MT, const int SCR,
-               const float *ws) {
-    long nb = J->k / QK, rb = row_bytes(kind, J->k), bb = rb / nb;
-    __m256 acc[4][4], w[4];
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-        _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) acc[t][r] = _mm256_setzero_ps();
+/* Few rows: MT rows against NP panels, the weights unpacked in registers as they are used. */
+ATTR void tile_direct(const Job *J, int kind, long p0, const int NP, const int MT) {
+    long nb = J->k / QK, pbb = panel_block_bytes(kind);
+    __m256 acc[8][3];
+    _Pragma("GCC unroll 8") for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 3") for (int r = 0; r < MT; r++) acc[p][r] = _mm256_setzero_ps();
     for (long b = 0; b < nb; b++) {
-        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-            if (SCR) {
-                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) w[j] = _mm256_load_ps(ws + t * J->k + b * QK + 8 * j);
-            } else {
-                dequant8(kind, J->w + (n0 + t) * rb + b * bb, w);
-            }
-            _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) {
-                const float *x = J->x + (r0 + r) * J->k + b * QK;
-                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[t][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), w[j], acc[t][r]);
+        _Pragma("GCC unroll 8") for (int p = 0; p < NP; p++) {
+            const uint8_t *pb = J->w + ((p0 + p) * nb + b) * pbb;
+            __m256 d, m, w[4];
+            block_scales(kind, pb, &d, &m);
+            for (int g = 0; g < 8; g++) {
+                dequant_quad(kind, pb, g, d, m, w);
+                long k = b * QK + 4 * g;
+                _Pragma("GCC unroll 3") for (int r = 0; r < MT; r++)
+                    _Pragma("GCC unroll 4") for (int kk = 0; kk < 4; kk++)
+                        acc[p][r] = _mm256_fmadd_ps(_mm256_set1_ps(J->x[r * J->k + k + kk]), w[kk], acc[p][r]);
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-        _Pragma("GCC unroll 4") for (int r = 0; r < MT; r++) J->y[(r0 + r) * J->ldy + n0 + t] = hsum8(acc[t][r]);
+    _Pragma("GCC unroll 8") for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 3") for (int r = 0; r < MT; r++)
+            _mm256_storeu_ps(J->y + r * J->ldy + (p0 + p) * PANEL, acc[p][r]);
 }
 
-/* All x rows against NT output rows. Every path does the same per-element work (see the top). */
-#define ROWS(kind, NT)                                                                      \
-    static void rows_##kind##_##NT(const Job *J, long n0, float *ws) {                      \
-        long r = 0, nb = J->k / QK, rb = row_bytes(kind, J->k), bb = rb / nb;               \
-        switch (J->m) {                                                                     \
-            case 1: tile(J, kind, n0, 0, NT, 1, 0, NULL); return;                           \
-            case 2: tile(J, kind, n0, 0, NT, 2, 0, NULL); return;                           \
-            case 3: tile(J, kind, n0, 0, NT, 3, 0, NULL); return;                           \
-            case 4: tile(J, kind, n0, 0, NT, 4, 0, NULL); return;                           \
-        }                                                                                   \
-        for (int t = 0; t < NT; t++)                                                        \
-            for (long b = 0; b < nb; b++) {                                                 \
-                __m256 w[4];                                                                \
-                dequant8(kind, J->w + (n0 + t) * rb + b * bb, w);                           \
-                for (int j = 0; j < 4; j++) _mm256_store_ps(ws + t * J->k + b * QK + 8 * j, w[j]); \
-            }                                                                               \
-        for (; r + 4 <= J->m; r += 4) tile(J, kind, n0, r, NT, 4, 1, ws);                   \
-        switch (J->m - r) {                                                                 \
-            case 3: tile(J, kind, n0, r, NT, 3, 1, ws); break;                              \
-            case 2: tile(J, kind, n0, r, NT, 2, 1, ws); break;                              \
-            case 1: tile(J, kind, n0, r, NT, 1, 1, ws); break;                              \
-        }                                                                                   \
+/* Many rows: the panels' weights unpacked once into ws (NP panels of K x 8 floats), then rows
+ * r0 .. r0+MT-1 against them: MT x NP accumulators, each a chain along k. */
+ATTR void tile_scratch(const Job *J, const float *ws, long p0, long r0, const int NP, const int MT) {
+    __m256 acc[6][2];
+    _Pragma("GCC unroll 6") for (int r = 0; r < MT; r++)
+        _Pragma("GCC unroll 2") for (int p = 0; p < NP; p++) acc[r][p] = _mm256_setzero_ps();
+    const float *x = J->x + r0 * J->k;
+    for (long k = 0; k < J->k; k++) {
+        __m256 w[2];
+        _Pragma("GCC unroll 2") for (int p = 0; p < NP; p++) w[p] = _mm256_load_ps(ws + (p * J->k + k) * PANEL);
+        _Pragma("GCC unroll 6") for (int r = 0; r < MT; r++) {
+            __m256 xv = _mm256_broadcast_ss(x + r * J->k + k);
+            _Pragma("GCC unroll 2") for (int p = 0; p < NP; p++) acc[r][p] = _mm256_fmadd_ps(xv, w[p], acc[r][p]);
+        }
     }
-ROWS(KIND_Q4_1, 1)
-ROWS(KIND_Q4_1, 2)
-ROWS(KIND_Q4_1, 4)
-ROWS(KIND_Q8_0, 1)
-ROWS(KIND_Q8_0, 2)
-ROWS(KIND_Q8_0, 4)
+    _Pragma("GCC unroll 6") for (int r = 0; r < MT; r++)
+        _Pragma("GCC unroll 2") for (int p = 0; p < NP; p++)
+            _mm256_storeu_ps(J->y + (r0 + r) * J->ldy + (p0 + p) * PANEL, acc[r][p]);
+}
 
-static void part_avx2(const Job *J, long n0, long n1) {
-    int q4 = J->kind == KIND_Q4_1;
-    /* One x row: four weight rows at a time keep four FMA chains in flight; more x rows: two. */
-    int nt = J->m == 1 ? 4 : 2;
-    float *ws = J->m > 4 ? scratch((size_t)nt * J->k) : NULL;
-    if (J->m > 4 && !ws) { part_portable(J, n0, n1); return; }
-    long n = n0;
-    for (; n + nt <= n1; n += nt) {
-        if (nt == 4) q4 ? rows_KIND_Q4_1_4(J, n, ws) : rows_KIND_Q8_0_4(J, n, ws);
-        else q4 ? rows_KIND_Q4_1_2(J, n, ws) : rows_KIND_Q8_0_2(J, n, ws);
+static void unpack_panels(int kind, const uint8_t *panels, long nb, int np, long k, float *ws) {
+    for (int p = 0; p < np; p++)
+        for (long b = 0; b < nb; b++) {
+            const uint8_t *pb = panels + (p * nb + b) * panel_block_bytes(kind);
+            __m256 d, m, w[4];
+            block_scales(kind, pb, &d, &m);
+            for (int g = 0; g < 8; g++) {
+                dequant_quad(kind, pb, g, d, m, w);
+                for (int kk = 0; kk < 4; kk++) _mm256_store_ps(ws + (p * k + b * QK + 4 * g + kk) * PANEL, w[kk]);
+            }
+        }
+}
+
+#define SCRATCH_ROWS(NP)                                                                        \
+    static void rows_scratch_##NP(const Job *J, const float *ws, long p0) {                     \
+        long r = 0;                                                                             \
+        for (; r + 6 <= J->m; r += 6) tile_scratch(J, ws, p0, r, NP, 6);                        \
+        switch (J->m - r) {                                                                     \
+            case 5: tile_scratch(J, ws, p0, r, NP, 5); break;                                   \
+            case 4: tile_scratch(J, ws, p0, r, NP, 4); break;                                   \
+            case 3: tile_scratch(J, ws, p0, r, NP, 3); break;                                   \
+            case 2: tile_scratch(J, ws, p0, r, NP, 2); break;                                   \
+            case 1: tile_scratch(J, ws, p0, r, NP, 1); break;                                   \
+        }                                                                                       \
     }
-    for (; n < n1; n++) q4 ? rows_KIND_Q4_1_1(J, n, ws) : rows_KIND_Q8_0_1(J, n, ws);
+SCRATCH_ROWS(1)
+SCRATCH_ROWS(2)
+
+#define DIRECT(kind, name)                                                                      \
+    static void direct_##name(const Job *J, long p0, long p1) {                                 \
+        long p = p0;                                                                            \
+        if (J->m == 1) {                                                                        \
+            for (; p + 8 <= p1; p += 8) tile_direct(J, kind, p, 8, 1);                          \
+            for (; p + 4 <= p1; p += 4) tile_direct(J, kind, p, 4, 1);                          \
+            for (; p < p1; p++) tile_direct(J, kind, p, 1, 1);                                  \
+        } else if (J->m == 2) {                                                                 \
+            for (; p + 2 <= p1; p += 2) tile_direct(J, kind, p, 2, 2);                          \
+            for (; p < p1; p++) tile_direct(J, kind, p, 1, 2);                                  \
+        } else {                                                                                \
+            for (; p + 2 <= p1; p += 2) tile_direct(J, kind, p, 2, 3);                          \
+            for (; p < p1; p++) tile_direct(J, kind, p, 1, 3);                                  \
+        }                                                                                       \
+    }
+DIRECT(KIND_Q4_1, q4_1)
+DIRECT(KIND_Q8_0, q8_0)
+
+#define DIRECT_ROWS 3 /* up to this many rows, the weights are unpacked in registers */
+
+static void part_avx2(Job *J, long p0, long p1) {
+    long nb = J->k / QK;
+    if (J->m <= DIRECT_ROWS) {
+        (J->kind == KIND_Q4_1 ? direct_q4_1 : direct_q8_0)(J, p0, p1);
+        return;
+    }
+    float *ws = scratch((size_t)2 * J->k * PANEL);
+    if (!ws) {
+        atomic_store(&J->failed, 1);
+        return;
+    }
+    long p = p0;
+    for (; p + 2 <= p1; p += 2) {
+        unpack_panels(J->kind, J->w + p * nb * panel_block_bytes(J->kind), nb, 2, J->k, ws);
+        rows_scratch_2(J, ws, p);
+    }
+    if (p < p1) {
+        unpack_panels(J->kind, J->w + p * nb * panel_block_bytes(J->kind), nb, 1, J->k, ws);
+        rows_scratch_1(J, ws, p);
+    }
 }
 
 #pragma GCC pop_options
@@ -233,18 +299,18 @@ static int have_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #else
-static void part_avx2(const Job *J, long n0, long n1) { part_portable(J, n0, n1); }
+static void part_avx2(Job *J, long p0, long p1) { part_portable(J, p0, p1); }
 static int have_avx2(void) { return 0; }
 #endif
 
 static void matmul_part(const void *args, int part, int parts) {
-    const Job *J = args;
-    /* Split the weight rows in multiples of 4, so every part keeps whole tiles. */
-    long per = ((J->n + parts - 1) / parts + 3) & ~3L;
-    long n0 = part * per, n1 = n0 + per < J->n ? n0 + per : J->n;
-    if (n0 >= n1) return;
-    if (J->portable) part_portable(J, n0, n1);
-    else part_avx2(J, n0, n1);
+    Job *J = (Job *)args;
+    /* Split the panels in pairs, so every part keeps whole tiles. */
+    long panels = J->n / PANEL, per = (((panels + parts - 1) / parts) + 1) & ~1L;
+    long p0 = part * per, p1 = p0 + per < panels ? p0 + per : panels;
+    if (p0 >= p1) return;
+    if (J->portable) part_portable(J, p0, p1);
+    else part_avx2(J, p0, p1);
 }
 
 /* ---- attention: per (row, head), scores, softmax and the weighted values in a fixed order ---- */
@@ -538,16 +604,17 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int kind, threads, portable;
     if (!PyArg_ParseTuple(args, "KKKlllliip", &x, &w, &y, &m, &n, &k, &ldy, &kind, &threads, &portable))
         return NULL;
-    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || m < 0 || n < 0 || k <= 0 || k % QK || ldy < n ||
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || m < 0 || n < 0 || n % PANEL || k <= 0 || k % QK || ldy < n ||
         threads < 1 || threads > MAX_THREADS) {
         PyErr_SetString(PyExc_ValueError, "bad quantized product arguments");
         return NULL;
     }
     Job J = {(const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)y,
-             m, n, k, ldy, kind, portable || !have_avx2()};
+             m, n, k, ldy, kind, portable || !have_avx2(), 0};
     Py_BEGIN_ALLOW_THREADS
     run_task(matmul_part, &J, threads, m * n * k);
     Py_END_ALLOW_THREADS
+    if (atomic_load(&J.failed)) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -577,7 +644,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 static PyObject *py_simd(PyObject *self, PyObject *noargs) { return PyBool_FromLong(have_avx2()); }
 
 static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, "y[m, n] = x[m, k] @ W[n, k]^T over quantized blocks at raw addresses"},
+    {"matmul", py_matmul, METH_VARARGS, "y[m, n] = x[m, k] @ W[n, k]^T over panels of quantized blocks at raw addresses"},
     {"attend", py_attend, METH_VARARGS, "attention of generated rows, each over its own past, at raw addresses"},
     {"simd", py_simd, METH_NOARGS, "whether the AVX2 kernels run on this CPU"},
     {NULL, NULL, 0, NULL},

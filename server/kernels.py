@@ -38,14 +38,20 @@ def threads() -> int:
     return _threads
 
 
-def matmul_blocks(x: torch.Tensor, blocks: torch.Tensor, kind: str, k: int, portable: bool = False) -> torch.Tensor:
-    """x [M, K] fp32 @ W^T, W [N, K] as `blocks` [N, row bytes] uint8 of `kind`: y [M, N] fp32."""
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+
+
+def matmul_panels(x: torch.Tensor, panels: torch.Tensor, kind: str, n: int, k: int,
+                  portable: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 @ W^T, W [N, K] as `panels` [N / 8, K / 32 * 8 * block bytes] uint8 of `kind`
+    (server/quant.py's to_panels): y [M, N] fp32."""
     x = x.float().contiguous()
-    if x.dim() != 2 or x.shape[1] != k or not blocks.is_contiguous() or blocks.dtype != torch.uint8:
-        raise ValueError(f"x of shape {tuple(x.shape)} against a [{blocks.shape[0]}, {k}] {kind} weight")
-    y = torch.empty(x.shape[0], blocks.shape[0])
-    _kernels.matmul(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], k,
-                    blocks.shape[0], KIND[kind], _threads, portable)
+    if (x.dim() != 2 or x.shape[1] != k or k % 32 or n % 8 or not panels.is_contiguous()
+            or panels.dtype != torch.uint8 or panels.numel() != n * k // 32 * BLOCK_BYTES[kind]):
+        raise ValueError(f"x of shape {tuple(x.shape)} against a [{n}, {k}] {kind} weight")
+    y = torch.empty(x.shape[0], n)
+    _kernels.matmul(x.data_ptr(), panels.data_ptr(), y.data_ptr(), x.shape[0], n, k, n, KIND[kind], _threads,
+                    portable)
     return y
 
 

@@ -21,24 +21,50 @@ log = logging.getLogger(__name__)
 from server import kernels
 
 
+BLOCK = 32  # weights per block along a row
+PANEL = 8  # output rows whose blocks the kernels read together
+
+
+def to_panels(blocks: np.ndarray, kind: str) -> np.ndarray:
+    """GGUF rows of blocks [N, K/32 * block bytes] regrouped into the kernels' panels of eight rows
+    (layout in server/_kernels.c): [N/8, K/32 * 8 * block bytes], the same bytes in another order."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n // PANEL, PANEL, -1, {"Q4_1": 20, "Q8_0": 34}[kind]).transpose(0, 2, 1, 3)  # [P, nb, 8, bytes]
+    d = b[..., 0:2].reshape(*b.shape[:2], 16)  # eight fp16 scales
+    if kind == "Q4_1":
+        m = b[..., 2:4].reshape(*b.shape[:2], 16)
+        qs = b[..., 4:20]  # [P, nb, 8, 16]: element j low nibble of byte j, element j + 16 high
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [P, nb, 8 rows, 32 k]
+        q = q.reshape(*q.shape[:3], 8, 4).transpose(0, 1, 3, 4, 2)  # [P, nb, quad, kk, row]
+        quads = np.concatenate([q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)], axis=-1)
+        return np.concatenate([d, m, quads.reshape(*b.shape[:2], 128)], axis=-1).reshape(n // PANEL, -1)
+    q = b[..., 2:34].reshape(*b.shape[:3], 8, 4).transpose(0, 1, 3, 4, 2)  # [P, nb, quad, kk, row]
+    return np.concatenate([d, q.reshape(*b.shape[:2], 256)], axis=-1).reshape(n // PANEL, -1)
+
+
 class QuantMatrix:
-    """A weight W [N, K] as quantized blocks, one row of blocks per output feature.
+    """A weight W [N, K] as quantized blocks in panels of eight output rows (`to_panels`).
 
     `self(x)` gives x [M, K] @ W^T in fp32, each row's bits independent of M (server/_kernels.c)."""
 
-    def __init__(self, blocks: torch.Tensor, kind: str, k: int):
-        self.blocks = blocks.contiguous()  # [N, K / 32 * bytes per block], uint8
-        self.kind, self.k = kind, k
-        self.shape = (blocks.shape[0], k)
+    def __init__(self, panels: torch.Tensor, kind: str, n: int, k: int):
+        self.panels = panels.contiguous()  # [N / 8, K / 32 * 8 * block bytes], uint8
+        self.kind, self.shape, self.k = kind, (n, k), k
+
+    @staticmethod
+    def from_blocks(blocks: np.ndarray, kind: str, k: int) -> QuantMatrix:
+        """From a GGUF tensor's rows of blocks [N, K / 32 * block bytes]; N a multiple of 8."""
+        return QuantMatrix(torch.from_numpy(to_panels(np.ascontiguousarray(blocks), kind)), kind, blocks.shape[0], k)
 
     def __call__(self, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
-        return kernels.matmul_blocks(x, self.blocks, self.kind, self.k, portable)  # [M, N]
+        return kernels.matmul_panels(x, self.panels, self.kind, self.shape[0], self.k, portable)  # [M, N]
 
     @staticmethod
     def stack(parts: list[QuantMatrix]) -> QuantMatrix:
         """One matrix of the parts' rows (projections that share their input, fused)."""
         assert len({(p.kind, p.k) for p in parts}) == 1
-        return QuantMatrix(torch.cat([p.blocks for p in parts]), parts[0].kind, parts[0].k)
+        return QuantMatrix(torch.cat([p.panels for p in parts]), parts[0].kind, sum(p.shape[0] for p in parts),
+                           parts[0].k)
 
 
 # transformers' Llama modules, by the GGUF tensor each was loaded from
@@ -85,7 +111,7 @@ def gguf_blocks(path: Path, model) -> dict[str, QuantMatrix]:
     out = {}
     for tname, mname in _module_names(reader).items():
         t, module = tensors.get(tname), modules.get(mname)
-        if t is None or module is None or t.tensor_type.name not in kernels.KIND:
+        if t is None or module is None or t.tensor_type.name not in kernels.KIND or t.data.shape[0] % PANEL:
             continue
         blocks = np.asarray(t.data)  # [N, row bytes]
         weight = module.weight.detach().float().cpu().numpy()  # [N, K]
@@ -93,5 +119,5 @@ def gguf_blocks(path: Path, model) -> dict[str, QuantMatrix]:
         if order is None:
             log.warning("%s does not dequantize to the model's %s: that product stays fp32", tname, mname)
             continue
-        out[mname] = QuantMatrix(torch.from_numpy(blocks[order].copy()), t.tensor_type.name, weight.shape[1])
+        out[mname] = QuantMatrix.from_blocks(blocks[order], t.tensor_type.name, weight.shape[1])
     return out

@@ -41,7 +41,7 @@ def two_threads():
 def test_a_product_reads_exactly_the_weights_gguf_dequantizes(kind):
     n, k = 40, 96
     blocks = random_blocks(n, k, kind)
-    w = QuantMatrix(torch.from_numpy(blocks), kind, k)
+    w = QuantMatrix.from_blocks(blocks, kind, k)
     dequantized = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[kind]))  # [N, K]
     assert torch.equal(w(torch.eye(k)), dequantized.T)  # one-hot rows pick single weights, exactly
     x = torch.randn(7, k)
@@ -50,12 +50,12 @@ def test_a_product_reads_exactly_the_weights_gguf_dequantizes(kind):
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_a_row_of_a_product_has_the_same_bits_in_any_batch_thread_count_and_code_path(kind):
-    n, k = 37, 160  # odd output count: partial tiles at both ends
-    w = QuantMatrix(torch.from_numpy(random_blocks(n, k, kind, seed=1)), kind, k)
+    n, k = 56, 160  # seven panels: a pair left over at the end of each thread's share, and a single
+    w = QuantMatrix.from_blocks(random_blocks(n, k, kind, seed=1), kind, k)
     x = torch.randn(23, k)
     together = w(x)
     assert torch.equal(w(x, portable=True), together)
-    for m in range(1, 23):  # one row, the small tiles, and the rows against dequantized scratch
+    for m in range(1, 23):  # one row, the weights unpacked in registers, and the rows against scratch
         assert torch.equal(w(x[:m]), together[:m])
         assert torch.equal(w(x[m - 1:m]), together[m - 1:m])
     kernels.set_threads(1)
@@ -92,7 +92,7 @@ def test_attention_rows_are_exact_alone_and_together(heads, kv_heads, head_dim, 
 
 
 def test_bad_arguments_are_refused():
-    w = QuantMatrix(torch.from_numpy(random_blocks(8, 64, "Q8_0")), "Q8_0", 64)
+    w = QuantMatrix.from_blocks(random_blocks(8, 64, "Q8_0"), "Q8_0", 64)
     with pytest.raises(ValueError):
         w(torch.randn(2, 32))
     with pytest.raises(ValueError):
