@@ -12,6 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ARG TORCH_INDEX_URL=""
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
+# A C compiler for the anchor's CPU kernels (server/_kernels.c), built by pip install.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY . /app
 RUN pip install /app

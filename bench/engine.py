@@ -9,8 +9,12 @@ run on one thread inside the forward, as the scheduler runs them when the kernel
 products ("blocks"); "blocks, torch N" gives torch the same N threads as the kernels, to
 show what their two pools cost each other; the fp32 engine gets torch's threads for its BLAS.
 
-    python -m bench.engine                  # docs/results/engine.json, table in docs/serving.md
-    python -m bench.engine --repeats 2 --no-docs
+Then, whether the engines choose the same tokens: the greedy answers (64 tokens, or to the end
+of the turn) to bench/serving.py's 24 prompts from the blocks engine, the fp32 engine and
+transformers' own `generate` over the same weights, counted token for token.
+
+    python -m bench.engine                  # docs/results/engine.json, tables in docs/serving.md
+    python -m bench.engine --repeats 2 --agreement-prompts 4 --no-docs
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.resonator import machine  # noqa: E402
-from bench.serving import replace_table  # noqa: E402
+from bench.serving import build_prompts, replace_table  # noqa: E402
 from server import kernels  # noqa: E402
-from server.engine import Engine, Seq  # noqa: E402
+from server.engine import PREFILL_CHUNK, Engine, Seq  # noqa: E402
 from server.models import load_model  # noqa: E402
 from server.quant import gguf_blocks  # noqa: E402
 from server.trail import TrailCache  # noqa: E402
@@ -51,6 +55,8 @@ def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="kernel (and BLAS) thread counts to compare")
+    ap.add_argument("--agreement-prompts", type=int, default=24)
+    ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "engine.json"))
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
@@ -90,16 +96,71 @@ def run(argv: list[str] | None = None) -> dict:
                      "wall_ms": 1e3 * statistics.median(w for w, _ in got),
                      "cpu_ms": 1e3 * statistics.median(c for _, c in got),
                      "cpu_ms_range": [1e3 * min(c for _, c in got), 1e3 * max(c for _, c in got)]})
+    kernels.set_threads(max(threads))
+    agreement = agree(lm, engines, build_prompts(lm, args.agreement_prompts), args.new)
     result = {"date": datetime.date.today().isoformat(), "machine": machine(max(threads), load0),
-              "repeats": args.repeats,
-              "prompt_tokens": PROMPT_TOKENS, "model": lm.model_id, "rows": rows}
+              "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS, "model": lm.model_id, "rows": rows,
+              "agreement": agreement}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    table = render(result)
-    print(table)
+    table, agreement_table = render(result), render_agreement(result)
+    print(table + "\n\n" + agreement_table)
     if not args.no_docs:
         replace_table(REPO / "docs" / "serving.md", "engine table", table)
+        replace_table(REPO / "docs" / "serving.md", "agreement table", agreement_table)
     return result
+
+
+def greedy(engine: Engine, lm, ids: list[int], new: int) -> list[int]:
+    """The engine's greedy answer: prompt chunks as the anchor prefills them, then one row a token."""
+    eos, cache = set(lm.eos_token_ids), TrailCache(lm.config)
+    for at in range(0, len(ids), PREFILL_CHUNK):
+        (logits,) = engine.forward([Seq(cache, ids[at:at + PREFILL_CHUNK], generated=False, all_logits=False)])
+    out = [int(logits[-1].argmax())]
+    while len(out) < new and out[-1] not in eos:
+        (logits,) = engine.forward([Seq(cache, out[-1:], generated=True, all_logits=True)])
+        out.append(int(logits[-1].argmax()))
+    return out
+
+
+def transformers_greedy(lm, ids: list[int], new: int) -> list[int]:
+    eos = set(lm.eos_token_ids)
+    torch.set_num_threads(kernels.threads())
+    with torch.no_grad():
+        got = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=new, do_sample=False)[0, len(ids):].tolist()
+    return got[:next((i + 1 for i, t in enumerate(got) if t in eos), len(got))]
+
+
+def agree(lm, engines: dict, prompts: list[dict], new: int) -> dict:
+    answers = []
+    for p in prompts:
+        torch.set_num_threads(1)
+        a = {name: greedy(e, lm, p["ids"], new) for name, e in engines.items()}
+        a["transformers"] = transformers_greedy(lm, p["ids"], new)
+        answers.append({"id": p["id"], "prompt_tokens": len(p["ids"]), **a})
+        print(f"agreement {p['id']}: " + ", ".join(f"{k} {len(v)}" for k, v in a.items()), file=sys.stderr, flush=True)
+
+    def first_difference(x: list[int], y: list[int]) -> int | None:
+        return next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), None if len(x) == len(y) else min(len(x), len(y)))
+
+    pairs = [("blocks", "fp32"), ("blocks", "transformers"), ("fp32", "transformers")]
+    return {"new": new, "answers": answers,
+            "pairs": [{"a": a, "b": b, "identical": sum(first_difference(r[a], r[b]) is None for r in answers),
+                       "prompts": len(answers),
+                       "first_differences": [d for r in answers if (d := first_difference(r[a], r[b])) is not None]}
+                      for a, b in pairs]}
+
+
+def render_agreement(result: dict) -> str:
+    g = result["agreement"]
+    lines = [f"Greedy answers ({g['new']} tokens or to the end of the turn) to bench/serving.py's prompts, "
+             f"same run.", "", "| engines | identical answers | where the others first differ (token index) |",
+             "|---|---:|---|"]
+    for p in g["pairs"]:
+        where = ", ".join(map(str, sorted(p["first_differences"]))) or "–"
+        lines.append(f"| {p['a']} / {p['b']} | {p['identical']} of {p['prompts']} | {where} |")
+    return "\n".join(lines)
 
 
 def render(result: dict) -> str:

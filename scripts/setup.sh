@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 if [ "${HPI_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   need=()
   command -v chromium >/dev/null || need+=(chromium)
+  command -v gcc >/dev/null || need+=(gcc)  # the anchor's CPU kernels (server/_kernels.c)
   command -v docker-compose >/dev/null || need+=(docker-compose)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

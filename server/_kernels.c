@@ -60,8 +60,15 @@ typedef struct {
     long n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st;
     float scale;
     int portable;
-    atomic_int failed; /* a part could not allocate its scores */
 } Attn;
+
+/* Attention of several sequences' rows in one task: items numbered across the segments. */
+typedef struct {
+    const Attn *segs;
+    const long *first; /* segment s holds items first[s] .. first[s+1]-1 */
+    long nseg;
+    atomic_int failed; /* a part could not allocate its scores */
+} AttnBatch;
 
 typedef struct {
     void (*run)(const void *args, int part, int parts);
@@ -494,18 +501,12 @@ static void attn_group_avx2(const Attn *A, long g, const long *js, const long *h
 
 #define GROUP_QUERIES 64 /* queries of one KV head that share a pass over its keys */
 
-/* Items are (KV head, row, head of the group), KV head first, so a part's items share keys. */
-static void attend_part(const void *args, int part, int parts) {
-    Attn *A = (Attn *)args;
-    long hpg = A->heads / A->kv_heads, per_g = A->n * hpg, items = A->kv_heads * per_g;
-    long per = (items + parts - 1) / parts, a = part * per, b = a + per < items ? a + per : items;
-    if (a >= b) return;
-    long ld = A->start + A->n;
+/* Items of a segment are (KV head, row, head of the group), KV head first, so that a run of
+ * items shares keys. Items a .. b-1 of segment A; 0 when its scores' scratch is out of memory. */
+static int attend_items(const Attn *A, long a, long b) {
+    long hpg = A->heads / A->kv_heads, per_g = A->n * hpg, ld = A->start + A->n;
     float *s = scratch((size_t)(b - a < GROUP_QUERIES ? b - a : GROUP_QUERIES) * ld);
-    if (!s) {
-        atomic_store(&A->failed, 1);
-        return;
-    }
+    if (!s) return 0;
     long js[GROUP_QUERIES], hs[GROUP_QUERIES];
     for (long it = a; it < b;) {
         long g = it / per_g, nq = 0;
@@ -522,6 +523,18 @@ static void attend_part(const void *args, int part, int parts) {
             for (long u = 0; u < nq; u++) attn_portable(A, js[u], hs[u], s);
 #endif
         }
+    }
+    return 1;
+}
+
+static void attend_part(const void *args, int part, int parts) {
+    AttnBatch *B = (AttnBatch *)args;
+    long items = B->first[B->nseg], per = (items + parts - 1) / parts, a = part * per;
+    long b = a + per < items ? a + per : items;
+    for (long seg = 0; seg < B->nseg && a < b; seg++) {
+        long lo = B->first[seg], hi = B->first[seg + 1];
+        if (hi <= a || lo >= b) continue;
+        if (!attend_items(&B->segs[seg], (a > lo ? a : lo) - lo, (b < hi ? b : hi) - lo)) atomic_store(&B->failed, 1);
     }
 }
 
@@ -618,26 +631,45 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* segs: nseg rows of ten int64 (q, k, v, out addresses; n, start, k_sg, k_st, v_sg, v_st). */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out;
-    long n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st;
+    unsigned long long segs_addr;
+    long nseg, heads, kv_heads, dh;
     float scale;
     int threads, portable;
-    if (!PyArg_ParseTuple(args, "KKKKlllllllllfip", &q, &k, &v, &out, &n, &heads, &kv_heads, &dh, &start,
-                          &k_sg, &k_st, &v_sg, &v_st, &scale, &threads, &portable))
+    if (!PyArg_ParseTuple(args, "Kllllfip", &segs_addr, &nseg, &heads, &kv_heads, &dh, &scale, &threads, &portable))
         return NULL;
-    if (n < 0 || heads < 1 || kv_heads < 1 || heads % kv_heads || dh < 8 || dh % 8 || dh > 256 || start < 0 ||
-        threads < 1 || threads > MAX_THREADS) {
+    const int64_t *rows = (const int64_t *)(uintptr_t)segs_addr;
+    int bad = nseg < 0 || heads < 1 || kv_heads < 1 || heads % kv_heads || dh < 8 || dh % 8 || dh > 256 ||
+              threads < 1 || threads > MAX_THREADS;
+    for (long i = 0; !bad && i < nseg; i++) bad = rows[10 * i + 4] < 0 || rows[10 * i + 5] < 0;
+    if (bad) {
         PyErr_SetString(PyExc_ValueError, "bad attention arguments");
         return NULL;
     }
-    Attn A = {(const float *)(uintptr_t)q, (const float *)(uintptr_t)k, (const float *)(uintptr_t)v,
-              (float *)(uintptr_t)out, n, heads, kv_heads, dh, start, k_sg, k_st, v_sg, v_st, scale,
-              portable || !have_avx2(), 0};
+    Attn *segs = malloc((size_t)(nseg ? nseg : 1) * sizeof(Attn));
+    long *first = malloc((size_t)(nseg + 1) * sizeof(long)), work = 0;
+    if (!segs || !first) {
+        free(segs);
+        free(first);
+        return PyErr_NoMemory();
+    }
+    first[0] = 0;
+    for (long i = 0; i < nseg; i++) {
+        const int64_t *r = rows + 10 * i;
+        segs[i] = (Attn){(const float *)(uintptr_t)r[0], (const float *)(uintptr_t)r[1], (const float *)(uintptr_t)r[2],
+                         (float *)(uintptr_t)r[3], r[4], heads, kv_heads, dh, r[5], r[6], r[7], r[8], r[9], scale,
+                         portable || !have_avx2()};
+        first[i + 1] = first[i] + r[4] * heads;
+        work += r[4] * heads * (r[5] + r[4]) * dh;
+    }
+    AttnBatch B = {segs, first, nseg, 0};
     Py_BEGIN_ALLOW_THREADS
-    run_task(attend_part, &A, threads, n * heads * (start + n) * dh);
+    run_task(attend_part, &B, threads, work);
     Py_END_ALLOW_THREADS
-    if (atomic_load(&A.failed)) return PyErr_NoMemory();
+    free(segs);
+    free(first);
+    if (atomic_load(&B.failed)) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -645,7 +677,7 @@ static PyObject *py_simd(PyObject *self, PyObject *noargs) { return PyBool_FromL
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y[m, n] = x[m, k] @ W[n, k]^T over panels of quantized blocks at raw addresses"},
-    {"attend", py_attend, METH_VARARGS, "attention of generated rows, each over its own past, at raw addresses"},
+    {"attend", py_attend, METH_VARARGS, "attention of several sequences' generated rows, each over its own past"},
     {"simd", py_simd, METH_NOARGS, "whether the AVX2 kernels run on this CPU"},
     {NULL, NULL, 0, NULL},
 };

@@ -16,7 +16,8 @@ decoding alone:
   `check_invariance` checks it on the machine at start;
 - a generated token's row (verification, decoding) attends alone over exactly the positions
   before it and itself, the same computation whether it comes in a draft of sixteen or on
-  its own (server/_kernels.c where built, else one torch call per row); prompt rows (prefill) attend in chunks at fixed absolute boundaries, so a prompt
+  its own (server/_kernels.c, one call for all sequences of a forward; torch where the kernel
+  cannot serve the head size); prompt rows (prefill) attend in chunks at fixed absolute boundaries, so a prompt
   gives the same KV in a session and in an anchor-only completion.
 
 Shapes: R rows (all sequences), n rows of one sequence, T its positions so far, H query heads,
@@ -111,7 +112,8 @@ class Engine:
                                      product("self_attn.o_proj"), lw.mlp_norm,
                                      product("mlp.gate_proj", "mlp.up_proj"), product("mlp.down_proj")))
         products = [p for l in self.layers for p in (l.wqkv, l.wo, l.w_gate_up, l.w_down)] + [self.lm_head]
-        self.all_kernels = all(isinstance(p, QuantMatrix) for p in products) and kernels.can_attend(self.head_dim)
+        self.kernel_attention = kernels.can_attend(self.head_dim)
+        self.all_kernels = all(isinstance(p, QuantMatrix) for p in products) and self.kernel_attention
         self.ffn = w.layers[0].w_gate.shape[0] if w.layers else 0
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
@@ -136,10 +138,16 @@ class Engine:
             k = rotate(qkv[:, H * Dh:(H + G) * Dh].view(-1, G, Dh).transpose(0, 1), cos, sin)  # [G, R, Dh]
             v = qkv[:, (H + G) * Dh:].view(-1, G, Dh).transpose(0, 1)  # [G, R, Dh]
             out = torch.empty(x.shape[0], H * Dh)  # [R, H Dh]
+            generated = []  # every sequence's generated rows, attended in one kernel call
             for s, p, (a, b) in zip(seqs, starts, spans):
                 keys, values = s.cache.layers[i].update(k[None, :, a:b], v[None, :, a:b])  # [1, G, T, Dh]
-                attend = self._attend_each if s.generated else self._attend_chunks
-                out[a:b] = attend(q[:, a:b], keys[0], values[0], p)
+                if s.generated and self.kernel_attention:
+                    generated.append(((q[:, a:b], keys[0], values[0], p), out[a:b]))
+                else:
+                    attend = self._attend_each if s.generated else self._attend_chunks
+                    out[a:b] = attend(q[:, a:b], keys[0], values[0], p)
+            if generated:
+                kernels.attend([g for g, _ in generated], self.scale, out=[o for _, o in generated])
             x = x + lw.wo(out)
             h = rms_norm(x, lw.mlp_norm, self.eps)
             gate, up = lw.w_gate_up(h).split(self.ffn, dim=-1)  # [R, F] each
@@ -150,10 +158,9 @@ class Engine:
         return list(logits.split([len(r_) for r_ in rows]))
 
     def _attend_each(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-        """Each query row j (position start + j) over positions [0, start + j], on its own."""
+        """Each query row j (position start + j) over positions [0, start + j], on its own (torch, where
+        the kernels cannot: the same rule, its own bits)."""
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        if kernels.can_attend(Dh):
-            return kernels.attend(q, keys, values, start, self.scale)
         out = []
         for j in range(q.shape[1]):
             t = start + j + 1

@@ -59,19 +59,32 @@ def can_attend(head_dim: int) -> bool:
     return available() and head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
-           portable: bool = False) -> torch.Tensor:
-    """Query rows q [H, n, Dh], row j at position start + j, each attending over keys and values
-    [G, T, Dh] at positions [0, start + j] alone: out [n, H Dh]."""
-    H, n, Dh = q.shape
-    G, T, _ = keys.shape
-    if T < start + n or values.shape != keys.shape or H % G or not can_attend(Dh):
-        raise ValueError(f"attention of {n} rows at {start} over {T} positions: shapes do not fit")
-    q = q.float().transpose(0, 1).contiguous()  # [n, H, Dh]
-    keys, values = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
-                    for t in (keys, values))
-    out = torch.empty(n, H * Dh)
-    _kernels.attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), n, H, G, Dh, start,
-                    keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), scale,
-                    _threads, portable)
-    return out
+def attend(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], scale: float,
+           out: list[torch.Tensor] | None = None, portable: bool = False) -> list[torch.Tensor]:
+    """Attention of several sequences' query rows in one call. Segment (q [H, n, Dh], keys and
+    values [G, T, Dh], start): row j at position start + j attends over positions [0, start + j]
+    alone. Per segment, its output [n, H Dh] (written into `out`'s contiguous tensors if given)."""
+    rows, kept = [], []
+    for i, (q, keys, values, start) in enumerate(segments):
+        H, n, Dh = q.shape
+        G, T, _ = keys.shape
+        if T < start + n or values.shape != keys.shape or H % G or not can_attend(Dh) or start < 0:
+            raise ValueError(f"attention of {n} rows at {start} over {T} positions: shapes do not fit")
+        q = q.float().transpose(0, 1).contiguous()  # [n, H, Dh]
+        keys, values = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
+                        for t in (keys, values))
+        o = out[i] if out is not None else torch.empty(n, H * Dh)
+        if o.shape != (n, H * Dh) or not o.is_contiguous() or o.dtype != torch.float32:
+            raise ValueError(f"output of shape {tuple(o.shape)} for {n} rows of {H} heads")
+        kept += [q, keys, values, o]
+        rows.append([q.data_ptr(), keys.data_ptr(), values.data_ptr(), o.data_ptr(), n, start,
+                     keys.stride(0), keys.stride(1), values.stride(0), values.stride(1)])
+    if not segments:
+        return []
+    table = torch.tensor(rows, dtype=torch.int64)  # the tensors above stay alive in `kept` meanwhile
+    H, _, Dh = segments[0][0].shape
+    G = segments[0][1].shape[0]
+    if any(q.shape[0] != H or q.shape[2] != Dh or k.shape[0] != G for q, k, _, _ in segments):
+        raise ValueError("segments of different head counts or head sizes")
+    _kernels.attend(table.data_ptr(), len(rows), H, G, Dh, scale, _threads, portable)
+    return kept[3::4]

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 
-TAIL_ROOM = 64
+TAIL_ROOM = 16
 
 
 class Run(NamedTuple):

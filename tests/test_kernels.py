@@ -12,7 +12,9 @@ from gguf import GGMLQuantizationType, quants
 from server import kernels
 from server.quant import QuantMatrix, gguf_blocks
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="server/_kernels.c is not built")
+
+def test_the_kernels_are_built():
+    assert kernels.available(), "server/_kernels.c is not built: pip install -e . builds it (needs gcc)"
 
 
 def random_blocks(n: int, k: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -81,13 +83,14 @@ def test_attention_rows_are_exact_alone_and_together(heads, kv_heads, head_dim, 
     keys = torch.randn(kv_heads, start + n + 40, head_dim)[:, :start + n]
     values = torch.randn(kv_heads, start + n + 40, head_dim)[:, :start + n]
     scale = head_dim ** -0.5
-    together = kernels.attend(q, keys, values, start, scale)
-    assert torch.equal(kernels.attend(q, keys, values, start, scale, portable=True), together)
-    alone = torch.cat([kernels.attend(q[:, j:j + 1], keys[:, :start + j + 1], values[:, :start + j + 1],
-                                      start + j, scale) for j in range(n)])
-    assert torch.equal(alone, together)
+    (together,) = kernels.attend([(q, keys, values, start)], scale)
+    assert torch.equal(kernels.attend([(q, keys, values, start)], scale, portable=True)[0], together)
+    # each row alone, all in one call as the engine batches sequences
+    alone = kernels.attend([(q[:, j:j + 1], keys[:, :start + j + 1], values[:, :start + j + 1], start + j)
+                            for j in range(n)], scale)
+    assert torch.equal(torch.cat(alone), together)
     kernels.set_threads(1)
-    assert torch.equal(kernels.attend(q, keys, values, start, scale), together)
+    assert torch.equal(kernels.attend([(q, keys, values, start)], scale)[0], together)
     assert torch.allclose(together, reference_attention(q, keys, values, start, scale), atol=2e-6)
 
 
@@ -95,10 +98,13 @@ def test_bad_arguments_are_refused():
     w = QuantMatrix.from_blocks(random_blocks(8, 64, "Q8_0"), "Q8_0", 64)
     with pytest.raises(ValueError):
         w(torch.randn(2, 32))
-    with pytest.raises(ValueError):
-        kernels.attend(torch.randn(4, 3, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16), 0, 0.25)  # 3 rows, 2 positions
-    with pytest.raises(ValueError):
-        kernels.attend(torch.randn(3, 1, 12), torch.randn(3, 1, 12), torch.randn(3, 1, 12), 0, 0.25)  # head dim 12
+    with pytest.raises(ValueError):  # 3 rows, 2 positions
+        kernels.attend([(torch.randn(4, 3, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16), 0)], 0.25)
+    with pytest.raises(ValueError):  # head dim 12
+        kernels.attend([(torch.randn(3, 1, 12), torch.randn(3, 1, 12), torch.randn(3, 1, 12), 0)], 0.25)
+    with pytest.raises(ValueError):  # segments of different head counts
+        kernels.attend([(torch.randn(4, 1, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16), 0),
+                        (torch.randn(2, 1, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16), 0)], 0.25)
 
 
 @pytest.mark.real_model
