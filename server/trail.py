@@ -26,7 +26,6 @@ does as well to grow.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -168,17 +167,12 @@ class TrailLayer(DynamicLayer):
 
 def _grow(tail: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """`tail` [B, G, T, Dh] followed by `new` [B, G, n, Dh]: written in place after the tail when
-    the tail is the start of a buffer with room for it, else into a new buffer with room to spare."""
-    t, n, dh = tail.shape[-2], new.shape[-2], new.shape[-1]
-    cap = tail.stride(-3) // dh if t else 0
-    buffer_shape = (*new.shape[:-2], cap, dh)
-    in_place = (t and t + n <= cap and tail.dtype == new.dtype and tail.storage_offset() == 0
-                and tail.stride()[-2:] == (dh, 1) and tail.stride(0) == new.shape[1] * cap * dh
-                and tail.untyped_storage().nbytes() >= math.prod(buffer_shape) * tail.element_size())
-    if in_place:
-        buf = tail.as_strided(buffer_shape, tail.stride())
-    else:
-        buf = new.new_empty((*new.shape[:-2], max(t + n, t + t // 4, TAIL_ROOM), dh))
+    the tail is the start of a buffer this function made with room for it, else into a new one."""
+    t, n = tail.shape[-2], new.shape[-2]
+    buf = tail._base  # the buffer a tail grown here views (cropping keeps viewing it)
+    if (buf is None or buf.dim() != 4 or buf.shape[-2] < t + n or buf.dtype != new.dtype
+            or tail.data_ptr() != buf.data_ptr() or not buf.is_contiguous()):
+        buf = new.new_empty((*new.shape[:-2], max(t + n, t + t // 4, TAIL_ROOM), new.shape[-1]))
         buf[..., :t, :] = tail
     buf[..., t:t + n, :] = new
     return buf[..., :t + n, :]
