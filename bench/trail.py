@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model("default", device="cpu")
     anchor = Anchor(lm, **Settings().anchor_options())
     _ = anchor.basis  # the model pack (cached), so session creation times a prefill and a hologram only
-    store = SessionStore(anchor, Settings(sessions_dir=tempfile.mkdtemp(prefix="hpi-trail-")))
+    # one client holds the parent and every fork: lift the per-client share of live sessions
+    store = SessionStore(anchor, Settings(sessions_dir=tempfile.mkdtemp(prefix="hpi-trail-"), client_share=1))
     per_token = store.kv_bytes_per_token
 
     t0 = time.perf_counter()
