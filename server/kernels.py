@@ -15,6 +15,7 @@ except ImportError:  # not built (pip install -e . builds it): the engine falls 
     _kernels = None
 
 KIND = {"Q4_1": 1, "Q8_0": 2}  # server/_kernels.c's kind numbers
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # a GGUF block of 32 weights
 MAX_HEAD_DIM = 256
 MAX_THREADS = 64
 
@@ -36,9 +37,6 @@ def set_threads(n: int) -> None:
 
 def threads() -> int:
     return _threads
-
-
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 
 
 def matmul_panels(x: torch.Tensor, panels: torch.Tensor, kind: str, n: int, k: int,

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 from server import kernels
 
 
-BLOCK = 32  # weights per block along a row
 PANEL = 8  # output rows whose blocks the kernels read together
 
 
@@ -29,7 +28,7 @@ def to_panels(blocks: np.ndarray, kind: str) -> np.ndarray:
     """GGUF rows of blocks [N, K/32 * block bytes] regrouped into the kernels' panels of eight rows
     (layout in server/_kernels.c): [N/8, K/32 * 8 * block bytes], the same bytes in another order."""
     n = blocks.shape[0]
-    b = blocks.reshape(n // PANEL, PANEL, -1, {"Q4_1": 20, "Q8_0": 34}[kind]).transpose(0, 2, 1, 3)  # [P, nb, 8, bytes]
+    b = blocks.reshape(n // PANEL, PANEL, -1, kernels.BLOCK_BYTES[kind]).transpose(0, 2, 1, 3)  # [P, nb, 8, bytes]
     d = b[..., 0:2].reshape(*b.shape[:2], 16)  # eight fp16 scales
     if kind == "Q4_1":
         m = b[..., 2:4].reshape(*b.shape[:2], 16)

@@ -21,7 +21,7 @@ def random_blocks(n: int, k: int, kind: str, seed: int = 0) -> np.ndarray:
     """Rows of `kind` blocks with random quants and finite, varied fp16 scales (and minimums)."""
     rng = np.random.default_rng(seed)
     qtype = GGMLQuantizationType[kind]
-    per_block = {"Q4_1": 20, "Q8_0": 34}[kind]
+    per_block = kernels.BLOCK_BYTES[kind]
     raw = rng.integers(0, 256, size=(n, k // 32, per_block), dtype=np.uint8)
     raw[:, :, 0:2] = (rng.uniform(0.001, 0.05, size=(n, k // 32)).astype(np.float16)
                       .view(np.uint8).reshape(n, k // 32, 2))
