@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     calibration_tokens: int = Field(4096, ge=64, description="tokens used to calibrate the codec basis")
     data_dir: str = Field("~/.cache/hpi", description="built model packs and session transcripts")
     sessions_dir: str = Field("", description="session transcripts, kept across restarts; empty: <data_dir>/sessions")
+    session_store: Literal["files", "redis"] = Field("files", description="where transcripts are kept: files in "
+                                                    "sessions_dir, or Redis, shared by several anchors")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis of session_store 'redis' and of "
+                                                                  "shared rate limits")
     memories_dir: str = Field("", description="holographic memories (.holo files); empty: <data_dir>/memories")
     max_memories: int = Field(64, ge=1)
     max_learn_tokens: int = Field(100_000, ge=1, description="tokens one learn call may add to a memory")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
@@ -57,7 +58,7 @@ from protocol.holo import content_hash
 from server import turns
 from server.anchor import Anchor, Caches
 from server.config import Settings
-from server.transcripts import Checkpoint, Transcript, TranscriptDir
+from server.transcripts import SESSION_ID, Checkpoint, Transcript, TranscriptConflict, open_transcripts
 from server.verify import verify
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,13 @@ class KVMemoryFull(SessionError):
 
 
 class StorageError(SessionError):
-    status, code = 500, "storage_error"
+    """The transcript could not be written (a full disk, an unreachable Redis): the change is undone."""
+    status, code = 503, "storage_error"
+
+
+class SessionMoved(SessionError):
+    """Another anchor changed the session since this one read it; it now holds that state."""
+    status, code = 409, "session_moved"
 
 
 class StaleDraft(SessionError):
@@ -214,7 +221,7 @@ class SessionStore:
         self._client_tokens: Counter[str] = Counter()  # their own KV reservations
         self._client_live: Counter[str] = Counter()  # their sessions holding caches
         self._lock = threading.Lock()  # guards the fields above; taken after a session lock
-        self.transcripts = TranscriptDir(settings.sessions_path())
+        self.transcripts = open_transcripts(settings)
         for t in self.transcripts.load_all():
             self._index(t)
 
@@ -242,19 +249,40 @@ class SessionStore:
             session.chain_base = len(ids)
             session.full = self._build(session, 0)
         except Exception:
-            self.delete(session)
+            self._forget(session)  # never saved
             raise
         self._save(session)
         return session
 
     def exists(self, session_id: str) -> bool:
+        return self._find(session_id) is not None
+
+    def _find(self, session_id: str) -> Session | None:
+        """The session, taken up from a store other anchors share if this one does not hold it."""
         with self._lock:
-            return session_id in self._sessions
+            session = self._sessions.get(session_id)
+        if session is not None or not self.transcripts.shared or not re.fullmatch(SESSION_ID, session_id):
+            return session
+        t = self._read(lambda: self.transcripts.load(session_id))
+        if t is None:
+            return None
+        with self._lock:
+            if (session := self._sessions.get(session_id)) is None:
+                self._check_count(t.client)
+                session = self._index(t)
+        return session
+
+    @staticmethod
+    def _read(load):
+        try:
+            return load()
+        except OSError as e:
+            log.warning("the session store failed: %s", e)
+            raise StorageError("the session store cannot be read now; retry shortly") from e
 
     def get(self, session_id: str, token: str | None) -> Session:
         """The session, if it exists (404) and `token` is its token (401 when absent, 403 when wrong)."""
-        with self._lock:
-            session = self._sessions.get(session_id)
+        session = self._find(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
         if not token:
@@ -271,6 +299,8 @@ class SessionStore:
         with session.lock:
             if session.closed:
                 raise SessionNotFound(f"session {session_id!r} was deleted")
+            if self.transcripts.shared:
+                self._catch_up(session)
             session.last_used = time.time()
             if wake and session.caches.anchor is None:
                 self._wake(session)
@@ -294,12 +324,17 @@ class SessionStore:
                 if s.closed:
                     continue
                 if idle >= self.settings.session_ttl_s:
-                    self.delete(s)
+                    if self.transcripts.shared:  # it expires there by itself; another anchor may hold it now
+                        self._forget(s)
+                    else:
+                        self.delete(s)
                     expired += 1
                 elif s.caches.anchor is not None and s.saved is not None:
                     with self._lock:
                         self._evict(s)
                     evicted += 1
+            except StorageError:
+                continue  # logged; the next sweep tries again
             finally:
                 s.lock.release()
         return evicted, expired
@@ -490,7 +525,7 @@ class SessionStore:
                 self.anchor.prefill(child.caches, [token])
             self._rechain(child)
         except Exception:
-            self.delete(child)
+            self._forget(child)  # never saved
             raise
         self._save(child)
         return child
@@ -590,8 +625,21 @@ class SessionStore:
         session.full = None
         self._release(session)
 
-    def _index(self, t: Transcript) -> None:
-        """Restore a session from its transcript at startup, unless it belongs to another model."""
+    def _catch_up(self, session: Session) -> None:
+        """Take the state another anchor saved since this one last did, or forget a session it
+        deleted. Callers hold the session's lock."""
+        held = self._read(lambda: self.transcripts.revision(session.id))
+        if session.saved is not None and held == session.saved.revision:
+            return
+        t = self._read(lambda: self.transcripts.load(session.id)) if held is not None else None
+        if t is None:
+            self._forget(session)
+            raise SessionNotFound(f"session {session.id!r} was deleted")
+        self._restore(session, t)
+
+    def _index(self, t: Transcript) -> Session | None:
+        """Restore a session from its transcript (at startup, or taken up from a shared store),
+        unless it belongs to another model. Callers hold the store's lock, or run before it is shared."""
         lm = self.anchor.lm
         why = None
         if t.model_id != lm.model_id:
@@ -600,16 +648,21 @@ class SessionStore:
             why = f"it holds token ids beyond the vocabulary size {lm.config.vocab_size}"
         if why:
             log.warning("skipping the transcript of session %s: %s", t.id, why)
-            return
+            return None
         session = Session(t.id, t.token, client=t.client, created=t.created, last_used=t.last_used or t.created)
-        self._restore(session, t)
+        self._restore(session, t, locked=True)
         self._sessions[t.id] = session
         self._per_client[t.client] += 1
+        return session
 
-    def _restore(self, session: Session, t: Transcript) -> None:
-        """Make the session what its transcript says, without caches: `use` rebuilds them."""
-        with self._lock:
+    def _restore(self, session: Session, t: Transcript, locked: bool = False) -> None:
+        """Make the session what its transcript says, without caches: `use` rebuilds them.
+        `locked`: the caller holds the store's lock."""
+        if locked:
             self._release(session)
+        else:
+            with self._lock:
+                self._release(session)
         session.messages = [m.model_dump() for m in t.messages]
         session.caches = Caches(ids=list(t.ids), pending=t.ids[-1] if t.pending else None)
         session.chain_base = t.chain_base
@@ -645,25 +698,44 @@ class SessionStore:
                        messages=session.messages, ids=list(c.ids), pending=c.pending is not None,
                        chain_base=session.chain_base, sampling=session.sampling, holo_end=session.holo_end,
                        created=session.created, checkpoints=list(session.checkpoints.values()),
-                       client=session.client, last_used=time.time())
+                       client=session.client, last_used=time.time(),
+                       revision=session.saved.revision + 1 if session.saved else 1)
         try:
             self.transcripts.save(t)
         except OSError as e:
+            log.warning("session %s could not be saved: %s", session.id, e)
             self._revert(session)
-            raise StorageError(f"the session could not be saved ({e}); it continues from its last "
-                               "saved state: say hello again") from e
+            raise StorageError("the session could not be saved; it continues from its last saved state: "
+                               "say hello again") from e
+        except TranscriptConflict as e:
+            log.warning("session %s: %s", session.id, e)
+            t = self._read(lambda: self.transcripts.load(session.id))
+            if t is None:
+                self._forget(session)
+                raise SessionNotFound(f"session {session.id!r} was deleted by another anchor") from e
+            self._restore(session, t)
+            raise SessionMoved("another anchor changed this session meanwhile; it continues from that "
+                               "state: say hello again") from e
         session.saved = t
 
     def _revert(self, session: Session) -> None:
         """Back to the last transcript written, or gone if none was."""
         if session.saved is None:
-            self.delete(session)
+            self._forget(session)
         else:
             self._restore(session, session.saved)
 
     def delete(self, session: Session) -> None:
         """Free the session and remove its transcript; callers outside this class hold its lock (see `use`)."""
-        self.transcripts.delete(session.id)
+        try:
+            self.transcripts.delete(session.id)
+        except OSError as e:
+            log.warning("the transcript of session %s could not be deleted: %s", session.id, e)
+            raise StorageError("the session store cannot be written now; retry shortly") from e
+        self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        """Free the session, leaving its transcript to whoever deleted or holds it."""
         session.closed = True
         session.caches = Caches()
         session.full = None

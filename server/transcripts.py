@@ -1,8 +1,18 @@
-"""Session transcripts on disk: what rebuilds a session exactly after the anchor restarts.
+"""Session transcripts: what rebuilds a session exactly after the anchor restarts.
 
-One JSON file per session, `<sessions_dir>/<id>.json`, readable by its owner only: it holds
-the session's token. A write goes to a temporary file that is synced and then renamed over
-the old one (and the directory synced), so a crash leaves the old transcript or the new
+Two stores keep them, with one interface (`TranscriptDir` here, `RedisTranscripts` in
+server/redis_transcripts.py for several anchors serving the same users; `open_transcripts`
+picks one from the settings):
+- `save(t)`: durably, before the reply that reveals the change; `t.revision` is the saved
+  one's plus 1, and a store that other anchors write refuses it (`TranscriptConflict`) when
+  the revision it holds is not `t.revision - 1`: then another anchor changed the session.
+- `load(id)`, `revision(id)`, `delete(id)`, `load_all()` (what to index at startup).
+- `shared`: whether other anchors write it, so a session must be checked before each use.
+A store that cannot be reached raises `StoreUnavailable` (an OSError, like a full disk).
+
+Here: one JSON file per session, `<sessions_dir>/<id>.json`, readable by its owner only: it
+holds the session's token. A write goes to a temporary file that is synced and then renamed
+over the old one (and the directory synced), so a crash leaves the old transcript or the new
 one, never a mix. Reading validates every file; one that is unreadable or invalid is logged
 and skipped, so it cannot stop the anchor from starting.
 """
@@ -56,6 +66,7 @@ class Transcript(BaseModel):
     checkpoints: list[Checkpoint] = []  # in creation order; all on the current trail (positions <= len(ids))
     client: str = Field("", max_length=64)  # the IP address that created it: its quota counts the session
     last_used: float = 0.0  # when it was last saved; 0 in older transcripts (then `created` counts)
+    revision: int = Field(0, ge=0)  # saves of this session so far: 0 in older transcripts
 
     @model_validator(mode="after")
     def _consistent(self) -> Transcript:
@@ -71,7 +82,32 @@ class Transcript(BaseModel):
         return self
 
 
+class StoreUnavailable(OSError):
+    """The transcript store could not be read or written (a Redis server that cannot be reached)."""
+
+
+class TranscriptConflict(Exception):
+    """Another anchor saved or deleted the session since this one last read it."""
+
+
+def parse(data: bytes, session_id: str, where: str) -> Transcript | None:
+    """The transcript of `session_id` in `data`, or None (logged) if it is invalid."""
+    try:
+        t = Transcript.model_validate_json(data)
+        if t.id != session_id:
+            raise ValueError(f"it holds session {t.id!r}")
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        why = e
+        if isinstance(e, ValidationError):
+            why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}" for x in e.errors()[:3])
+        log.warning("skipping the session transcript %s: %s", where, why)
+        return None
+    return t
+
+
 class TranscriptDir:
+    shared = False  # one anchor's own directory
+
     def __init__(self, path: Path):
         self.path = path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -86,19 +122,29 @@ class TranscriptDir:
     def delete(self, session_id: str) -> None:
         self.file(session_id).unlink(missing_ok=True)
 
+    def load(self, session_id: str) -> Transcript | None:
+        path = self.file(session_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("skipping the session transcript %s: %s", path, e)
+            return None
+        return parse(data, session_id, str(path))
+
+    def revision(self, session_id: str) -> int | None:
+        t = self.load(session_id)
+        return None if t is None else t.revision
+
     def load_all(self) -> list[Transcript]:
         """Every valid transcript; the others are logged and skipped."""
-        out = []
-        for path in sorted(self.path.glob("*.json")):
-            try:
-                t = Transcript.model_validate_json(path.read_bytes())
-                if path.stem != t.id:
-                    raise ValueError(f"it holds session {t.id!r}")
-            except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
-                why = e
-                if isinstance(e, ValidationError):
-                    why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}" for x in e.errors()[:3])
-                log.warning("skipping the session transcript %s: %s", path, why)
-                continue
-            out.append(t)
-        return out
+        return [t for path in sorted(self.path.glob("*.json")) if (t := self.load(path.stem)) is not None]
+
+
+def open_transcripts(settings) -> TranscriptDir:
+    """The store the settings name (server/config.py `session_store`)."""
+    if settings.session_store == "redis":
+        from server.redis_transcripts import RedisTranscripts
+        return RedisTranscripts(settings.redis_url, settings.session_ttl_s)
+    return TranscriptDir(settings.sessions_path())
