@@ -43,6 +43,9 @@ from server.sessions import Segment, Session, SessionError, SessionStore
 from server.transcripts import CHECKPOINT_NAME
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
+# Names the session a response created, so a proxy can keep its later requests on this anchor
+# (scripts/haproxy.cfg), where its caches are.
+SESSION_HEADER = "X-HPI-Session"
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = {"/client": ROOT / "client_web", "/shaders": ROOT / "shaders"}
 bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
@@ -309,8 +312,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         return _holo_response(request, a.pack_bytes, f'"{a.pack_hash}"', "public, max-age=31536000, immutable")
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
-    def create_session(body: CreateSession, st: Store, request: Request):
+    def create_session(body: CreateSession, st: Store, request: Request, response: Response):
         s = st.create([m.model_dump() for m in body.messages], client_of(request))
+        response.headers[SESSION_HEADER] = s.id
         return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
                               hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data))
 
@@ -341,10 +345,11 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             return Backtracked(checkpoint=body.checkpoint, dropped=dropped, **_trail_position(s))
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=Forked)
-    def fork(session_id: str, body: Fork, st: Store, creds: Credentials, request: Request):
+    def fork(session_id: str, body: Fork, st: Store, creds: Credentials, request: Request, response: Response):
         with st.use(session_id, token(creds)) as parent:
             f = st.fork(parent, body.checkpoint, body.token, body.temperature, body.seed, client_of(request))
             position = parent.checkpoints[body.checkpoint].position
+        response.headers[SESSION_HEADER] = f.id
         return Forked(session_id=f.id, token=f.token, shared_tokens=f.caches.anchor.frozen_tokens,
                       forked_from=ForkOrigin(session_id=session_id, checkpoint=body.checkpoint, position=position),
                       sampling=f.sampling, **_trail_position(f))
