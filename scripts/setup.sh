@@ -9,6 +9,9 @@ if [ "${HPI_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   command -v chromium >/dev/null || need+=(chromium)
   command -v gcc >/dev/null || need+=(gcc)  # the anchor's CPU kernels (server/_kernels.c)
   command -v docker-compose >/dev/null || need+=(docker-compose)
+  # a shared session store and a proxy for running several anchors (tests/test_failover.py)
+  [ -x /usr/bin/redis-server ] || need+=(redis-server)
+  [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -q
