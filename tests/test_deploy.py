@@ -42,15 +42,44 @@ def dockerignored(path: str) -> bool:
                for p in prefixes for pat in patterns)
 
 
-@pytest.fixture(scope="module")
-def anchor() -> dict:
+def compose(*profiles: str) -> dict:
+    """The services docker-compose.yml resolves to with `profiles`."""
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (scripts/setup.sh installs it with apt-get)")
-    done = subprocess.run([exe, "-f", "docker-compose.yml", "config"], cwd=ROOT,
+    flags = [arg for p in profiles for arg in ("--profile", p)]
+    done = subprocess.run([exe, "-f", "docker-compose.yml", *flags, "config"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)["services"]["anchor"]
+    return yaml.safe_load(done.stdout)["services"]
+
+
+@pytest.fixture(scope="module")
+def anchor() -> dict:
+    return compose()["anchor"]
+
+
+def test_the_default_profile_is_one_anchor():
+    # docker-compose 1.x lists every service in `config`; `up` starts those of no profile
+    services = compose()
+    assert [name for name, s in services.items() if not s.get("profiles")] == ["anchor"]
+    assert all(s.get("profiles") == ["scaled"] for name, s in services.items() if name != "anchor")
+
+
+def test_the_scaled_profile_wires_two_anchors_redis_and_the_tested_proxy_config():
+    services = compose("scaled")
+    proxy = services["proxy"]
+    (mount,) = proxy["volumes"]
+    source = mount.split(":")[0] if isinstance(mount, str) else mount["source"]
+    assert Path(source).resolve() == ROOT / "scripts" / "haproxy.cfg"  # the file tests/test_failover.py runs
+    needed = set(re.findall(r"\$\{(\w+)\}", (ROOT / "scripts" / "haproxy.cfg").read_text()))
+    assert needed == set(proxy["environment"])
+    for name in ("a", "b"):
+        env = services[f"anchor-{name}"]["environment"]
+        assert proxy["environment"][f"HPI_ANCHOR_{name.upper()}"] == f"anchor-{name}:{PORT}"
+        assert env["HPI_SESSION_STORE"] == "redis" and env["HPI_REDIS_URL"].startswith("redis://redis:")
+        assert "ports" not in services[f"anchor-{name}"]  # reached through the proxy only
+    assert "--appendfsync" in services["redis"]["command"]
 
 
 def test_compose_builds_this_repo(anchor):
