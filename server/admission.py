@@ -14,12 +14,13 @@ from contextlib import contextmanager
 
 
 class Busy(Exception):
-    """The server's line of work is full; the HTTP layer answers 503 with `Retry-After`."""
-    status, code = 503, "server_busy"
+    """The server's line of work is full (503 `server_busy`), or the client's rate is (429
+    `rate_limited`); the HTTP layer answers with `Retry-After`, the sync channel with an error frame."""
 
-    def __init__(self, message: str, retry_after: int = 2):
+    def __init__(self, message: str, retry_after: int = 2, code: str = "server_busy"):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.code = retry_after, code
+        self.status = 429 if code == "rate_limited" else 503
 
 
 class Slots:

@@ -39,6 +39,7 @@ from server.metrics import METRICS
 from server.middleware import BodyLimit, InternalErrors, OriginPolicy, error_response
 from server.models import load_model
 from server.owners import OwnerError
+from server.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
 from server.sessions import Segment, Session, SessionError, SessionStore
 from server.transcripts import CHECKPOINT_NAME
 
@@ -188,6 +189,11 @@ def _trail_position(s: Session) -> dict:
             "n_messages": len(s.messages), "holo_end": s.holo_end, "hologram_url": f"/v1/sessions/{s.id}/hologram"}
 
 
+def check_room(app: FastAPI) -> None:
+    """503 server_busy at once, before any state changes, when the forwards' queue is full."""
+    app.state.anchor.lm.scheduler.check_room()
+
+
 def load_anchor(settings: Settings) -> Anchor:
     lm = load_model(settings.model, settings.device, quantized=settings.weights == "blocks")
     res = None
@@ -210,7 +216,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         if settings.threads:
             torch.set_num_threads(settings.threads)
             kernels.set_threads(settings.threads)
-        a.lm.scheduler.wait_s, a.lm.scheduler.max_rows = settings.batch_wait_ms / 1000, settings.batch_max_rows
+        sched = a.lm.scheduler
+        sched.wait_s, sched.max_rows, sched.max_queued_rows = (settings.batch_wait_ms / 1000, settings.batch_max_rows,
+                                                               settings.max_queued_rows)
         sweeper = asyncio.create_task(sweep(app.state.store))
         yield
         sweeper.cancel()
@@ -224,6 +232,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # The fleet's anchors count each client together where they share a Redis.
+    counts = RedisCounts(settings.redis_url) if settings.session_store == "redis" else LocalCounts()
+    limiter = RateLimiter(settings.rate_per_ip, settings.rate_per_token, counts)
+    app.add_middleware(RateLimit, limiter=limiter)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "If-None-Match"],
@@ -313,6 +325,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
     def create_session(body: CreateSession, st: Store, request: Request, response: Response):
+        check_room(request.app)
         s = st.create([m.model_dump() for m in body.messages], client_of(request))
         response.headers[SESSION_HEADER] = s.id
         return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
@@ -346,6 +359,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=Forked)
     def fork(session_id: str, body: Fork, st: Store, creds: Credentials, request: Request, response: Response):
+        check_room(request.app)
         with st.use(session_id, token(creds)) as parent:
             f = st.fork(parent, body.checkpoint, body.token, body.temperature, body.seed, client_of(request))
             position = parent.checkpoints[body.checkpoint].position
@@ -356,7 +370,8 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     @app.post("/v1/sessions/{session_id}/messages", response_class=Response,
               responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}})
-    def append_messages(session_id: str, body: AppendMessages, st: Store, creds: Credentials):
+    def append_messages(session_id: str, body: AppendMessages, st: Store, creds: Credentials, request: Request):
+        check_room(request.app)
         with st.use(session_id, token(creds)) as s:
             delta = st.append(s, [m.model_dump() for m in body.messages])
             METRICS.add("hpi_bytes_sent_total", len(delta.data))
@@ -437,7 +452,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         wrong token gets an error frame and the connection is closed.
         """
         st: SessionStore = ws.app.state.store
-        if not st.exists(session_id):  # refused before accepting: the client sees HTTP 403
+        if not await run_in_threadpool(st.exists, session_id):  # refused before accepting: the client sees HTTP 403
             await ws.close(code=1008, reason="session_not_found")
             return
         await ws.accept()
@@ -455,6 +470,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                 if data is None:
                     raise frames.FrameError("frames are binary msgpack, not text")
                 frame = frames.decode(data)
+                if await limiter.check(None, f"session:{session_id}") is not None:
+                    raise Busy("this session sends frames faster than the anchor allows: say hello again later",
+                               code="rate_limited")
+                check_room(ws.app)
                 if isinstance(frame, frames.Hello):
                     def hello():
                         with st.use(session_id, frame.token) as s:
@@ -473,6 +492,8 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             except SessionError as e:
                 reply = frames.Error(v=1, code=e.code, message=str(e))
                 close = e.status in (401, 403, 404)
+            except Busy as e:  # the page backs off and says hello again
+                reply = frames.Error(v=1, code=e.code, message=str(e))
             out = frames.encode(reply)
             METRICS.add("hpi_bytes_sent_total", len(out))
             await ws.send_bytes(out)

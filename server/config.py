@@ -47,10 +47,16 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="threads of the model's forward; 0: torch's default (the cores)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a forward waits for more work to batch")
     batch_max_rows: int = Field(512, ge=1, description="token rows one forward takes at most")
+    max_queued_rows: int = Field(2048, ge=0, description="token rows that may wait for a forward; past them new "
+                                                         "model work gets 503 server_busy (0: no bound)")
 
     max_completion_seconds: float = Field(120, gt=0, description="wall time one chat completion may decode for; "
                                                                   "then it ends with finish_reason 'length'")
     max_completions: int = Field(4, ge=1, description="chat completions decoding at once; more wait")
+    rate_per_ip: int = Field(3000, ge=0, description="requests one client address may send a minute; more "
+                                                     "get 429 (0: no limit)")
+    rate_per_token: int = Field(1200, ge=0, description="requests one token (or sync frames one session) may "
+                                                        "send a minute; more get 429 (0: no limit)")
     max_waiting_completions: int = Field(16, ge=0, description="completions that may wait; more get 503")
 
     allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "[::1]"],

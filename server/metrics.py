@@ -19,6 +19,8 @@ COUNTERS = {
     "hpi_bytes_sent_total": "bytes of model packs, holograms and sync frames sent",
     "hpi_prefill_tokens_total": "prompt tokens run into session and completion caches",
     "hpi_verification_passes_total": "verification passes (one per draft frame)",
+    "hpi_refused_busy_total": "model work refused at once because the forwards' queue was full (503 server_busy)",
+    "hpi_refused_rate_total": "requests and sync frames refused past their client's rate (429 rate_limited)",
 }
 
 # Histograms: help text and bucket upper bounds (Prometheus' cumulative `le` buckets).

@@ -6,7 +6,9 @@ for more while the batch is small, runs a single batched forward (server/engine.
 hands each caller its logits. So the cores run one forward with all their threads instead
 of many forwards fighting over them, and a batch reads the weights once for all its rows.
 A long prompt arrives in chunks (server/anchor.py), so it cannot hold everyone's
-verification back for longer than a chunk.
+verification back for longer than a chunk. Callers ask `check_room` before they start
+model work: past `max_queued_rows` rows waiting, new work is refused (503) at once rather
+than every user's next token waiting longer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server import kernels
+from server.admission import Busy
 from server.engine import Engine, Seq, check_invariance
 from server.metrics import METRICS
 
@@ -36,16 +39,25 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_rows: int = 512, wait_s: float = 0.002):
+    def __init__(self, engine: Engine, max_rows: int = 512, wait_s: float = 0.002, max_queued_rows: int = 0):
         self.engine = engine
         self.max_rows = max_rows
         self.wait_s = wait_s
+        self.max_queued_rows = max_queued_rows  # 0: no bound
         self._pending: list[_Job] = []
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
         if not check_invariance(engine):
             log.warning("on this machine a row's projection differs alone and in a batch: verification may "
                         "disagree with anchor-only decoding where two tokens tie to the last bit")
+
+    def check_room(self) -> None:
+        """Busy if the rows already waiting for a forward reach `max_queued_rows`."""
+        with self._cv:
+            queued = sum(j.rows for j in self._pending)
+        if self.max_queued_rows and queued >= self.max_queued_rows:
+            METRICS.add("hpi_refused_busy_total")
+            raise Busy(f"the anchor's forwards are {queued} rows behind; retry shortly", retry_after=1)
 
     def run(self, seqs: list[Seq]) -> list[torch.Tensor]:
         """Run the sequences in the next forward; their logits (see Engine.forward)."""
