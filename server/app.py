@@ -496,7 +496,10 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                 reply = frames.Error(v=1, code=e.code, message=str(e))
             out = frames.encode(reply)
             METRICS.add("hpi_bytes_sent_total", len(out))
-            await ws.send_bytes(out)
+            try:
+                await ws.send_bytes(out)
+            except WebSocketDisconnect:  # the page went away meanwhile: its verdict is saved, `ready` brings it
+                return
             if close:
                 await ws.close(code=1008)
                 return

@@ -488,11 +488,6 @@ def test_a_tenth_of_the_websockets_dropped_mid_answer(anchors, tiny, tmp_path):
     assert r.json()["choices"][0]["message"]["content"] == "".join(text.add(t) for t in page.truth) + text.flush()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/app.py sync(): `await ws.send_bytes(out)` is outside the try that handles the channel's "
-    "errors, so the verdict of a draft whose page went away meanwhile raises WebSocketDisconnect out of "
-    "the endpoint and uvicorn logs 'Exception in ASGI application' with a traceback, once per dropped "
-    "channel. Nothing is lost (the verdict was saved first; the page gets its tokens in `ready`)."))
 def test_a_channel_dropped_while_its_draft_is_verified_logs_no_exception(anchors, tiny):
     anchor = anchors()
     page = Page(anchor.url, PROMPTS[0], tiny, seed=7)
