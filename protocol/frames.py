@@ -25,6 +25,7 @@ MAX_FRAME_BYTES = 64 * 1024  # the largest message of the channel, in bytes (SPE
 MAX_DRAFT = 256  # drafted tokens per draft frame
 MAX_TOKEN_ID = 1 << 31  # token ids are below this (and below the model's vocabulary size)
 MAX_SESSION_TOKEN = 256  # characters of the session token in a hello
+MAX_LISTED = 8  # defects one error message names; the others are only counted
 GENESIS = b"\x00" * 32
 
 
@@ -123,7 +124,7 @@ def decode(data: bytes) -> Hello | Draft:
     try:
         return _client.validate_python(obj)
     except ValidationError as e:
-        raise FrameError("; ".join(_describe(x) for x in e.errors(include_url=False))) from None
+        raise FrameError(_summary(e.errors(include_url=False))) from None
     except Exception as e:  # never let a validator's own exception escape as something else
         raise FrameError(f"bad frame: {e}") from None
 
@@ -132,6 +133,14 @@ def _type_name(value: Any) -> str:
     names = {bool: "boolean", int: "integer", float: "float", str: "string (msgpack str)",
              bytes: "bytes (msgpack bin)", list: "array", dict: "map", type(None): "nil"}
     return names.get(type(value), type(value).__name__)
+
+
+def _summary(errors: list[dict]) -> str:
+    """The first MAX_LISTED defects and the count of the rest. Keys and values are the page's: a
+    64 KiB frame of thousands of unknown keys, or of one long key, must not make an error frame
+    larger than itself."""
+    listed = "; ".join(_describe(x) for x in errors[:MAX_LISTED])
+    return listed + (f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else "")
 
 
 def _describe(error: dict) -> str:
@@ -144,7 +153,7 @@ def _describe(error: dict) -> str:
     loc = list(error["loc"])
     if loc and loc[0] in ("hello", "draft"):
         loc = loc[1:]
-    where = ".".join(map(str, loc)) or "frame"
+    where = ".".join(f"{part!s:.40}" for part in loc) or "frame"
     got = "" if kind in ("missing", "extra_forbidden") else f" (got {_type_name(error['input'])})"
     return f"{where}: {error['msg']}{got}"
 

@@ -37,7 +37,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
                             select)
@@ -164,13 +164,15 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
         heads: list[int] | None = Field(None, max_length=4096, description="for per-head states; default: all")
         pool: Literal["token", "mean"] = Field("mean", description="one vector per token, or their mean")
         label: str = Field("", max_length=256)
-        curvature: float | None = Field(None, lt=0, description="at creation; default -1")
-        scale: float | None = Field(None, gt=0, description="at creation; default 1 / median norm of the first batch")
+        # Non-finite numbers are refused here, before any lookup, like every other malformed field.
+        curvature: float | None = Field(None, lt=0, allow_inf_nan=False, description="at creation; default -1")
+        scale: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="at creation; default 1 / median norm of the first batch")
         center: bool | None = Field(None, description="at creation: subtract the first batch's mean; default false")
 
     class SearchBody(Context):
         collection: str = Field(max_length=64)
-        vector: list[float] | None = Field(None, max_length=1 << 16, description="a raw state vector to look up")
+        vector: list[FiniteFloat] | None = Field(None, max_length=1 << 16, description="a raw state vector to look up")
         k: int = Field(5, ge=1, le=100)
         metric: Literal["hyperbolic", "euclidean", "cosine"] = "hyperbolic"
 
