@@ -73,12 +73,17 @@ def _segment_response(request: Request, seg: Segment) -> Response:
                           {"X-HPI-Start": str(seg.start), "X-HPI-End": str(seg.end)})
 
 
+MAX_LISTED = 8  # defects named in a 422: a body of thousands of bad fields must not get a larger answer
+
+
 def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+    for err in errors[:MAX_LISTED]:
+        loc = ".".join(f"{p!s:.40}" for p in err.get("loc", ()))  # names are the client's: cut them
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
-    return "; ".join(parts) or "invalid request"
+    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    return ("; ".join(parts) or "invalid request") + more
 
 
 def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:

@@ -149,6 +149,14 @@ def test_invalid_bodies_422(make_client, payload):
     assert "body" in r.json()["error"]["message"]
 
 
+def test_a_body_of_thousands_of_bad_fields_gets_a_short_422(client):
+    # found by tests/test_fuzz.py: 90,000 unknown keys got a 4 MB answer
+    body = {"messages": USER, **{f"k{i}" + "x" * 200: 0 for i in range(3000)}}
+    r = client.post("/v1/sessions", json=body)
+    assert_error(r, 422, "invalid_request")
+    assert len(r.content) < 2048 and r.json()["error"]["message"].endswith("and 2992 more")
+
+
 def test_invalid_json_422(client):
     r = client.post("/v1/sessions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_error(r, 422, "invalid_request")
