@@ -18,7 +18,7 @@ import hashlib
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024  # the largest message of the channel, in bytes (SPEC: 64 KiB)
@@ -53,6 +53,17 @@ class _PageFrame(_Frame):
 
 Token = Annotated[int, Field(ge=0, lt=MAX_TOKEN_ID)]
 Chain = Annotated[bytes, Field(min_length=32, max_length=32)]
+MIN_TEMPERATURE = 1e-3  # below it scores / temperature overflow float32 and sampling stops meaning the scores
+
+
+def _sampling_temperature(t: float) -> float:
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"a temperature is 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return t
+
+
+# The sampling temperature of every API that takes one (sync hello, chat completions, forks).
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_sampling_temperature)]
 
 
 class Hello(_PageFrame):
@@ -61,7 +72,7 @@ class Hello(_PageFrame):
     token: str = Field(max_length=MAX_SESSION_TOKEN)
     position: int = Field(ge=0)  # tokens of the conversation the page holds as confirmed
     chain: Chain  # chain hash at that position
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: Temperature = 0.0
     seed: int = Field(0, ge=0, lt=1 << 32)
 
 

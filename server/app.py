@@ -111,7 +111,7 @@ def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]
         messages: Messages
         max_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
         max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
-        temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy (the default here)")
+        temperature: frames.Temperature = Field(0.0, description="0 is greedy (the default here)")
         seed: int = Field(0, ge=0, lt=1 << 32, description="Gumbel-max noise seed when temperature > 0")
         n: int = Field(1, ge=1, le=1)
         stream: bool = False
@@ -144,7 +144,7 @@ class Fork(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint: CheckpointName
     token: int | None = Field(None, ge=0, description="forced first token of the fork (confirmed)")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default: the parent's sampling")
+    temperature: frames.Temperature | None = Field(None, description="default: the parent's sampling")
     seed: int | None = Field(None, ge=0, lt=1 << 32, description="default: the parent's sampling")
 
 

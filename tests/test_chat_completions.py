@@ -53,6 +53,8 @@ def test_bad_requests_get_clear_errors(client, tiny_server):
         client.chat.completions.create(model="anchor", messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.chat.completions.create(model="anchor", messages=MESSAGES, temperature=5.0)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.chat.completions.create(model="anchor", messages=MESSAGES, temperature=1e-30)
     with pytest.raises(openai.UnprocessableEntityError, match="n"):
         client.chat.completions.create(model="anchor", messages=MESSAGES, n=2)
     with pytest.raises(openai.APIStatusError) as e:

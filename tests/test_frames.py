@@ -60,6 +60,7 @@ CASES = {
     "v_float": ({**DRAFT, "v": 1.0}, "v"),
     "v_string": ({**DRAFT, "v": "1"}, "v"),
     "v_missing": ({k: v for k, v in HELLO.items() if k != "v"}, "v"),
+    "temperature_tiny": ({**HELLO, "temperature": 1e-30}, "temperature"),  # it overflowed the sampler's scores
     "position_string": ({**HELLO, "position": "34"}, "position"),
     "position_float": ({**HELLO, "position": 34.0}, "position"),
     "position_true": ({**HELLO, "position": True}, "position"),
