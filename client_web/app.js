@@ -240,8 +240,9 @@ async function recover(info) {
 // ---- answering --------------------------------------------------------------------------
 
 function sampling() {
-  return { temperature: Math.max(0, Math.min(2, Number($('temperature').value) || 0)),
-    seed: Math.floor(Math.random() * 2 ** 32) };
+  const t = Math.min(2, Number($('temperature').value) || 0);
+  // The anchor takes 0 (greedy) or 0.001 to 2 (protocol/SPEC.md): below that a temperature is greedy.
+  return { temperature: t < 0.001 ? 0 : t, seed: Math.floor(Math.random() * 2 ** 32) };
 }
 
 /** Draft on the GPU and keep what the anchor confirms (or, with sync=0, what the GPU wrote). */
