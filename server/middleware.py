@@ -5,6 +5,8 @@ and what an unexpected failure looks like.
   requests carry its own host name) cannot reach the anonymous APIs; a request or websocket
   that carries an `Origin` must come from the same origin or an allowed one; `/metrics` and
   the API docs can be kept to loopback clients.
+- `ApiKeys`: when the anchor has API keys, every request and websocket but the page's own
+  must carry one.
 - `BodyLimit`: at most `limit` bytes of any request body are read, whatever it claims.
 - `InternalErrors`: an unexpected exception is logged and answered with a JSON 500 that
   carries no exception text, and the keep-alive connection stays usable (an exception that
@@ -15,6 +17,8 @@ Every refusal is JSON `{"error": {"code", "message"}}`, like every other error o
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 from urllib.parse import urlsplit
@@ -28,9 +32,10 @@ METRICS_PATH = "/metrics"
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    """The API's one error shape; a 401 also says how to authenticate."""
+    """The API's one error shape; a 401 also says how to authenticate (a bearer token unless
+    `headers` names another scheme)."""
     if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="hpi"'}
+        headers = {"WWW-Authenticate": 'Bearer realm="hpi"', **(headers or {})}
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
@@ -38,12 +43,12 @@ def _headers(scope) -> dict[bytes, bytes]:
     return dict(scope["headers"])
 
 
-async def _refuse(scope, receive, send, status: int, code: str, message: str) -> None:
+async def _refuse(scope, receive, send, status: int, code: str, message: str, headers: dict | None = None) -> None:
     """An HTTP error, or for a websocket a close before accepting (the client sees HTTP 403)."""
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": code})
         return
-    await error_response(status, code, message)(scope, receive, send)
+    await error_response(status, code, message, headers)(scope, receive, send)
 
 
 def host_name(host: str) -> str:
@@ -95,6 +100,68 @@ class OriginPolicy:
             return True
         netloc = urlsplit(origin).netloc
         return bool(netloc) and netloc == host.strip().lower()  # the page's own origin
+
+
+API_KEY_PROTOCOL = "api-key."
+API_KEY_CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="hpi", header="X-API-Key"'}
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class ApiKeys:
+    """Every request and websocket must carry one of `keys`, except the exact `open_paths` and
+    what lies under `open_prefixes`: the page loads, and learns that it needs a key, before it has one.
+
+    A key comes in `X-API-Key` (`Authorization` carries session and owner tokens). A browser
+    cannot set a websocket's headers, so a websocket may instead offer the subprotocol
+    `api-key.<key>` beside a real one, which the anchor then accepts: a key in the query string
+    would be written to access logs. Keys are compared by their SHA-256 in constant time, so
+    neither the time taken nor a key's length tells how close a guess came.
+    """
+
+    def __init__(self, app, keys: list[str], open_paths: tuple[str, ...], open_prefixes: tuple[str, ...]):
+        self.app = app
+        self.digests = [_digest(k.encode()) for k in keys]
+        self.open_paths = frozenset(open_paths)
+        self.open_prefixes = tuple(p.rstrip("/") for p in open_prefixes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self._open(scope["path"]):
+            return await self.app(scope, receive, send)
+        key = _headers(scope).get(b"x-api-key")
+        protocols = scope.get("subprotocols") or []
+        carried = [p for p in protocols if p.startswith(API_KEY_PROTOCOL)]
+        if carried:  # the app never sees a key, and the page gets the protocol it offered beside it
+            offered = [p for p in protocols if not p.startswith(API_KEY_PROTOCOL)]
+            scope = {**scope, "subprotocols": offered}
+            send = self._accepting(send, offered)
+            key = key or carried[0].removeprefix(API_KEY_PROTOCOL).encode()
+        if key is None:
+            return await _refuse(scope, receive, send, 401, "api_key_required",
+                                 "this anchor needs an API key: send `X-API-Key: <key>` (a websocket may offer "
+                                 f"the subprotocol `{API_KEY_PROTOCOL}<key>` instead)", API_KEY_CHALLENGE)
+        if not self._known(key):
+            return await _refuse(scope, receive, send, 401, "bad_api_key",
+                                 "the API key is not one of this anchor's keys (HPI_API_KEYS)", API_KEY_CHALLENGE)
+        return await self.app(scope, receive, send)
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or any(path == p or path.startswith(p + "/") for p in self.open_prefixes)
+
+    def _known(self, key: bytes) -> bool:
+        given = _digest(key)
+        return sum(hmac.compare_digest(given, d) for d in self.digests) > 0  # every key compared: no early exit
+
+    @staticmethod
+    def _accepting(send, offered: list[str]):
+        """A browser fails a handshake that names none of the protocols it offered."""
+        async def accept(message):
+            if message["type"] == "websocket.accept" and not message.get("subprotocol") and offered:
+                message = {**message, "subprotocol": offered[0]}
+            await send(message)
+        return accept
 
 
 class BodyLimit:
