@@ -318,7 +318,7 @@ class SessionStore:
         evicted = expired = 0
         for s in sessions:
             idle = now - s.last_used
-            if idle < self.settings.session_idle_s or not s.lock.acquire(blocking=False):
+            if idle < min(self.settings.session_idle_s, self.settings.session_ttl_s) or not s.lock.acquire(blocking=False):
                 continue
             try:
                 if s.closed:

@@ -124,6 +124,13 @@ def test_unused_sessions_expire_with_their_transcripts(make_client, tmp_path):
     assert not transcripts[0].exists()
 
 
+def test_a_ttl_shorter_than_the_idle_time_still_expires_sessions(make_client):
+    client = make_client(session_ttl_s=30, session_idle_s=600)
+    body, auth = create(client, USER)
+    assert client.app.state.store.sweep(time.time() + 31) == (0, 1)
+    assert_error(client.get(body["hologram_url"], headers=auth), 404, "session_not_found")
+
+
 def test_restored_sessions_count_against_the_limits(tiny_anchor, tmp_path):
     settings = {"sessions_dir": str(tmp_path), "max_sessions": 8, "client_share": 0.25}
     with app_client(create_app(Settings(**settings), tiny_anchor)) as before:
