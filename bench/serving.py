@@ -109,7 +109,7 @@ def build_prompts(lm, n: int) -> list[dict]:
     return out
 
 
-def prepare(prompts: list[dict], new: int) -> None:
+def prepare(prompts: list[dict], new: int, model: str = "default") -> None:
     """Per prompt: the anchor-only answer (`truth`, new + K + 1 tokens or to the end of turn) and
     the resonator's draft of every pass (`plan`), as the anchor's verdicts would steer it."""
     from server.anchor import Anchor, Caches
@@ -117,7 +117,7 @@ def prepare(prompts: list[dict], new: int) -> None:
     from server.config import Settings
     from server.models import load_model
 
-    lm = load_model("default", "cpu")
+    lm = load_model(model, "cpu")
     anchor = Anchor(lm, **Settings().anchor_options())
     drafter = PythonDrafter(anchor.pack_bytes)
     eos = set(lm.eos_token_ids)
@@ -146,9 +146,10 @@ def prepare(prompts: list[dict], new: int) -> None:
 
 
 class Server:
-    def __init__(self, cmd: list[str], env: dict, health: str, what: str):
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+    def __init__(self, cmd: list[str], env: dict, health: str, what: str, log: Path | None = None):
+        """`log`: a file for the server's output (appended to), else it is discarded."""
+        with open(log, "ab") if log else open(os.devnull, "wb") as out:
+            self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         self.what = what
         wait_up(health, self.proc, what)
 
