@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -219,6 +220,9 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         app.state.store = SessionStore(a, settings)
         METRICS.gauges["hpi_sessions"] = ("sessions holding caches in memory", lambda: len(app.state.store))
         METRICS.gauges["hpi_kv_bytes"] = ("KV cache bytes held for sessions", lambda: app.state.store.kv_bytes)
+        # Sync channels wait in worker threads for their forward: room for one per live session, and
+        # as many again for every other request, so that neither starves the other (anyio's default is 40).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, 2 * settings.max_live_sessions)
         if settings.threads:
             torch.set_num_threads(settings.threads)
             kernels.set_threads(settings.threads)
@@ -335,9 +339,11 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         return _holo_response(request, a.pack_bytes, f'"{a.pack_hash}"', "public, max-age=31536000, immutable")
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
-    def create_session(body: CreateSession, st: Store, request: Request, response: Response):
+    async def create_session(body: CreateSession, st: Store, request: Request, response: Response):
+        client = client_of(request)
         check_room(request.app)
-        s = st.create([m.model_dump() for m in body.messages], client_of(request))
+        st.check_admission(client)  # a full server says so at once, not after a worker thread is free
+        s = await run_in_threadpool(st.create, [m.model_dump() for m in body.messages], client)
         response.headers[SESSION_HEADER] = s.id
         return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
                               hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data))

@@ -254,6 +254,18 @@ class SessionStore:
         self._save(session)
         return session
 
+    def check_admission(self, client: str) -> None:
+        """Refuse now what `create` would refuse for the counts alone, before a worker thread and a
+        prefill are spent on it. Only counters are read: the event loop may call it."""
+        with self._lock:
+            self._check_count(client)
+            if self._live >= self.settings.max_live_sessions and not self._client_live[client]:
+                self._refuse_live_full()
+
+    def _refuse_live_full(self) -> None:
+        raise TooManySessions(f"the server holds its limit of {self.settings.max_live_sessions} sessions in "
+                              "memory; retry in a while")
+
     def exists(self, session_id: str) -> bool:
         return self._find(session_id) is not None
 
@@ -564,8 +576,7 @@ class SessionStore:
                 self.settings.max_live_sessions) and not self._evict_lru(session.client):
             raise ClientQuota("every session this client holds in memory is in use; retry when one is done")
         if not session.admitted and self._live >= self.settings.max_live_sessions:
-            raise TooManySessions(f"the server holds its limit of {self.settings.max_live_sessions} sessions in "
-                                  "memory; retry in a while")
+            self._refuse_live_full()
         self._reserve(session, n_tokens)
 
     def _reserve(self, session: Session, n_tokens: int) -> None:
