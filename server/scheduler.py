@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class _Job:
     seqs: list[Seq]
     rows: int
+    steps: bool  # rows of generated tokens only (verification, decoding): a user waits on them mid-answer
     queued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[torch.Tensor] | None = None
@@ -61,7 +62,7 @@ class Scheduler:
 
     def run(self, seqs: list[Seq]) -> list[torch.Tensor]:
         """Run the sequences in the next forward; their logits (see Engine.forward)."""
-        job = _Job(seqs, sum(len(s.ids) for s in seqs))
+        job = _Job(seqs, sum(len(s.ids) for s in seqs), all(s.generated for s in seqs))
         with self._cv:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="hpi-forward", daemon=True)
@@ -74,18 +75,30 @@ class Scheduler:
         return job.result
 
     def _take(self) -> list[_Job]:
-        """The next batch: what is pending, after waiting briefly for more while it is small."""
+        """The next batch: what is pending, after waiting briefly for more while it is small.
+
+        Steps (verification passes, decoding steps) go first, so a user mid-answer waits for one
+        forward rather than behind every prompt chunk queued before its draft; prompt chunks fill
+        the rest and keep a quarter of the rows while they wait, so they are never starved. Each
+        kind is taken in arrival order. A row's bits do not depend on its batch, so the order
+        changes no answer."""
         with self._cv:
             while not self._pending:
                 self._cv.wait()
             deadline = time.monotonic() + self.wait_s
             while sum(j.rows for j in self._pending) < self.max_rows and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
+            steps = [j for j in self._pending if j.steps]
+            prompts = [j for j in self._pending if not j.steps]
             batch, rows = [], 0
-            while self._pending and (not batch or rows + self._pending[0].rows <= self.max_rows):
-                job = self._pending.pop(0)
-                batch.append(job)
-                rows += job.rows
+            for jobs, room in ((steps, self.max_rows - (self.max_rows // 4 if prompts else 0)), (prompts, self.max_rows)):
+                for job in jobs:
+                    if batch and rows + job.rows > room:
+                        break
+                    batch.append(job)
+                    rows += job.rows
+            taken = {id(j) for j in batch}
+            self._pending = [j for j in self._pending if id(j) not in taken]
             return batch
 
     def _serve(self) -> None:
