@@ -38,7 +38,7 @@ differs is reported with its page's trace (what happened on each of its channels
 The answers and drafts are worked out once per model and answer length (a few minutes on two
 cores) and kept in var/bench-load/.
 
-    python -m bench.load                                 # 16, 64, 128 users: docs/results/load.json
+    python -m bench.load                                 # 16, 64, 128 users: docs/results/load.json, docs/RELIABILITY.md
     python -m bench.load --users 16,64 --new 32 --wall 300
     python -m bench.load --quick                         # a smoke run: 16 users, 12-token answers
     python -m bench.load --faults --users 16 --append    # the fault versions, added to load.json
@@ -73,7 +73,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import GENESIS, K, HPIUser, Server, build_prompts, cpu_s, free_port, log, machine, prepare  # noqa: E402
+from bench.serving import (GENESIS, K, HPIUser, Server, build_prompts, cpu_s, free_port, log, machine,  # noqa: E402
+                           prepare, replace_table)
 
 CACHE = REPO / "var" / "bench-load"  # prepared prompts, answers and drafts (git-ignored)
 
@@ -736,6 +737,8 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
     log(f"wrote {out}")
+    if not args.quick and not args.out:
+        replace_table(REPO / "docs" / "RELIABILITY.md", "load table", render(result))
 
 
 if __name__ == "__main__":
