@@ -553,12 +553,13 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def start_anchor(args) -> Anchor:
-    """One anchor for all the runs, with a fresh data dir (the model pack from the cache)."""
+    """One anchor for all the runs, with a fresh data dir (the model pack and the converted model
+    from the tests' cache, which the first run fills)."""
     data = Path(tempfile.mkdtemp(prefix="hpi-load-"))
-    for packs in (REPO / "var" / "test-data" / "packs", Path("~/.cache/hpi/packs").expanduser()):
-        if packs.is_dir():
-            (data / "packs").symlink_to(packs)
-            break
+    for kept in ("packs", "models"):
+        cache = REPO / "var" / "test-data" / kept
+        cache.mkdir(parents=True, exist_ok=True)
+        (data / kept).symlink_to(cache)
     anchor = Anchor(args.model, args.threads, dict(s.split("=", 1) for s in args.set), data)
     log(f"anchor up in {anchor.startup_s:.1f} s ({anchor.url}, log {anchor.log})")
     return anchor

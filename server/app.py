@@ -202,7 +202,8 @@ def check_room(app: FastAPI) -> None:
 
 
 def load_anchor(settings: Settings) -> Anchor:
-    lm = load_model(settings.model, settings.device, quantized=settings.weights == "blocks")
+    lm = load_model(settings.model, settings.device, quantized=settings.weights == "blocks",
+                    cache=settings.models_path())
     res = None
     if settings.resonator_model and settings.resonator_model != settings.model:
         res = load_model(settings.resonator_model, settings.device)

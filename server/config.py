@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         return {"codec": self.codec, "calibration_tokens": self.calibration_tokens,
                 "pack_cache": Path(self.data_dir).expanduser() / "packs"}
 
+    def models_path(self) -> Path:
+        """GGUF models converted to HF folders on first load (server/models.py)."""
+        return Path(self.data_dir).expanduser() / "models"
+
     def sessions_path(self) -> Path:
         return Path(self.sessions_dir or Path(self.data_dir) / "sessions").expanduser()
 

