@@ -296,7 +296,7 @@ class SessionStore:
         """The session, if it exists (404) and `token` is its token (401 when absent, 403 when wrong)."""
         session = self._find(session_id)
         if session is None:
-            raise SessionNotFound(f"no session {session_id!r}")
+            raise SessionNotFound(f"no session {session_id!r:.72}")
         if not token:
             raise Unauthorized("this endpoint needs `Authorization: Bearer <session token>`")
         if not hmac.compare_digest(token.encode(), session.token.encode()):
@@ -310,7 +310,7 @@ class SessionStore:
         session = self.get(session_id, token)
         with session.lock:
             if session.closed:
-                raise SessionNotFound(f"session {session_id!r} was deleted")
+                raise SessionNotFound(f"session {session_id!r:.72} was deleted")
             if self.transcripts.shared:
                 self._catch_up(session)
             session.last_used = time.time()
@@ -330,7 +330,8 @@ class SessionStore:
         evicted = expired = 0
         for s in sessions:
             idle = now - s.last_used
-            if idle < min(self.settings.session_idle_s, self.settings.session_ttl_s) or not s.lock.acquire(blocking=False):
+            soonest = min(self.settings.session_idle_s, self.settings.session_ttl_s)
+            if idle < soonest or not s.lock.acquire(blocking=False):
                 continue
             try:
                 if s.closed:
