@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from bench import corpus
-from server.capture import Dims, capture, select
-from server.hyperbolic import StateStore
-from server.models import LoadedModel, load_model
+from hpi.capture import Dims, capture, select
+from hpi.hyperbolic import StateStore
+from hpi.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_DOCS = ["README.md", "docs/codec.md", "docs/fidelity.md", "docs/resonator.md", "protocol/SPEC.md",

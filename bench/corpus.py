@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         LIST.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     from transformers import AutoTokenizer
 
-    from server.models import default_model_path
+    from hpi.models import default_model_path
 
     p = default_model_path()  # only the default model's tokenizer is needed
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

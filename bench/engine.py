@@ -31,15 +31,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from bench.resonator import machine  # noqa: E402
-from bench.serving import build_prompts, replace_table  # noqa: E402
-from server import kernels  # noqa: E402
-from server.engine import PREFILL_CHUNK, Engine, Seq  # noqa: E402
-from server.models import load_model  # noqa: E402
-from server.quant import gguf_blocks  # noqa: E402
-from server.trail import TrailCache  # noqa: E402
+from bench.resonator import machine
+from bench.serving import build_prompts, replace_table
+from hpi import kernels
+from hpi.engine import PREFILL_CHUNK, Engine, Seq
+from hpi.models import load_model
+from hpi.quant import gguf_blocks
+from hpi.trail import TrailCache
 
 PROMPT_TOKENS = 1000
 SHAPES = {"decode, 1 row": 1, "verify, 17 rows": 17, "prefill chunk, 256 rows": 256}

@@ -40,7 +40,6 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CODEC_FILES = ("server/spectral.py", "server/hologram.py", "server/pack.py", "server/rope.py", "protocol/holo.py")
 
@@ -68,9 +67,9 @@ def _file_digest(*paths: Path) -> str:
 CODEC_REV = codec_version()
 CODEC_DIGEST = _file_digest(*(REPO / f for f in CODEC_FILES))
 
-from bench import baselines, corpus  # noqa: E402
-from server import hologram, llama  # noqa: E402
-from server.spectral import BASES, PRESETS, CodecParams  # noqa: E402
+from bench import baselines, corpus
+from hpi import hologram, llama
+from hpi.spectral import BASES, PRESETS, CodecParams
 
 CACHE_DIR = Path("/tmp/hpi-fidelity-cache")
 
@@ -269,8 +268,8 @@ class ResultCache:
 
 
 def pack_check(lm, w_exact, refs: list[Reference]) -> dict:
-    from protocol.holo import load_hologram
-    from server.pack import build_pack, weights_from_pack
+    from hpi.protocol.holo import load_hologram
+    from hpi.pack import build_pack, weights_from_pack
 
     t0 = time.perf_counter()
     data = build_pack(lm)
@@ -475,8 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    from server.models import load_model
-    from server.pack import calibrate_model
+    from hpi.models import load_model
+    from hpi.pack import calibrate_model
 
     texts = corpus.load(args.texts, limit=args.limit)
     print(f"{len(texts)} texts ({args.texts}); loading {args.model} ...", flush=True)

@@ -71,9 +71,8 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from bench.serving import (GENESIS, K, HPIUser, Server, build_prompts, cpu_s, free_port, log, machine,  # noqa: E402
+from bench.serving import (GENESIS, K, HPIUser, Server, build_prompts, cpu_s, free_port, log, machine,
                            prepare, replace_table)
 
 CACHE = REPO / "var" / "bench-load"  # prepared prompts, answers and drafts (git-ignored)
@@ -85,7 +84,7 @@ CACHE = REPO / "var" / "bench-load"  # prepared prompts, answers and drafts (git
 def prepared(model: str, new: int, n: int, long: bool) -> list[dict]:
     """bench/serving.py's prompts with their anchor-only answers and the resonator's drafts,
     cached in var/bench-load by model file, answer length and prompt choice."""
-    from server.models import resolve_model_path
+    from hpi.models import resolve_model_path
 
     path = resolve_model_path(model)
     stat = path.stat() if path.is_file() else next(path.glob("*.safetensors"), path).stat()
@@ -93,7 +92,7 @@ def prepared(model: str, new: int, n: int, long: bool) -> list[dict]:
     cache = CACHE / f"prepared-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    from server.models import load_model
+    from hpi.models import load_model
 
     os.environ.setdefault("HPI_DATA_DIR", str(REPO / "var" / "test-data"))  # the tests' pack cache
     lm = load_model(model, "cpu")
@@ -233,7 +232,7 @@ class LoadUser(HPIUser):
         return self.prompt_len + len(self.confirmed)
 
     def chain(self) -> bytes:
-        from protocol.frames import chain_next
+        from hpi.protocol.frames import chain_next
         c = GENESIS
         for t in self.confirmed:
             c = chain_next(c, t)
@@ -453,7 +452,7 @@ class Anchor:
 
     def start(self) -> None:
         t0 = time.monotonic()
-        self.server = Server([sys.executable, "-m", "server.cli", "serve"], self.env, self.url + "/healthz", "hpi",
+        self.server = Server([sys.executable, "-m", "hpi.cli", "serve"], self.env, self.url + "/healthz", "hpi",
                              self.log)
         self.processes.append(self.server)
         self.startup_s = time.monotonic() - t0

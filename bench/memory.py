@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,12 +37,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from server.memory import persist, so4  # noqa: E402
-from server.memory.dreaming import dream  # noqa: E402
-from server.memory.episodic import Episodic  # noqa: E402
-from server.memory.store import BASIN_CAPACITY, PATHS, Config, Mechanisms, Memory  # noqa: E402
+from hpi.memory import persist, so4
+from hpi.memory.dreaming import dream
+from hpi.memory.episodic import Episodic
+from hpi.memory.store import BASIN_CAPACITY, PATHS, Config, Mechanisms, Memory
 
 STDLIB = Path("/usr/lib/python3.11")
 VOCAB = 49152  # SmolLM2's
@@ -132,7 +130,7 @@ def single_rate(mem: Memory, ctx: np.ndarray, n: int = 2000) -> float:
 
 def stdlib_tokens(max_train: int, max_test: int) -> tuple[np.ndarray, np.ndarray, dict]:
     from transformers import AutoTokenizer
-    from server.models import default_model_path
+    from hpi.models import default_model_path
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     files = sorted(p for p in STDLIB.rglob("*.py")
@@ -339,7 +337,7 @@ def decode_with_memory_drafts(model, eos: set[int], prompt: list[int], max_new: 
 
 def drafts_benchmark(max_new: int = 96, k: int = 10, n: int = 2) -> dict:
     import torch
-    from server.models import load_model
+    from hpi.models import load_model
     # One thread: on this shared 2-core machine two torch threads contend with the other work
     # and decode 8x slower (measured: 16 tokens in 42 s with 2 threads, 5.3 s with 1).
     torch.set_num_threads(1)

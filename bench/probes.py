@@ -74,7 +74,7 @@ class Anchor:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HPI_DATA_DIR": str(data_dir), "HPI_MODEL": model, "HPI_PORT": str(self.port),
                "HPI_MAX_SESSION_TOKENS": str(SESSION_TOKENS)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "hpi.cli", "serve"], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 600
         while True:

@@ -48,10 +48,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from bench import resonator as resonator_bench  # noqa: E402
-from bench.resonator import files_digest, git_rev, log, machine  # noqa: E402
+from bench import resonator as resonator_bench
+from bench.resonator import files_digest, git_rev, log, machine
 
 CODE_FILES = ("server/verify.py", "server/sessions.py", "server/anchor.py", "server/resonator.py",
               "protocol/frames.py", "server/spectral.py", "server/hologram.py")
@@ -120,7 +119,7 @@ def build_prompts(lm, names: list[str] | None, count: int | None) -> list[dict]:
 def plain_decode(lm, ids: list[int], max_tokens: int, temperature: float, seed: int) -> dict:
     """server.completions.decode with CPU and wall stamps after each token (the first one
     comes from the prefill's logits, so stamp 0 closes the prefill)."""
-    from server.completions import decode
+    from hpi.completions import decode
 
     tokens, cpu, wall = [], [], []
     c0, w0 = time.process_time(), time.perf_counter()
@@ -149,7 +148,7 @@ class PythonDrafter:
     name = "python"
 
     def __init__(self, pack: bytes):
-        from server.resonator import Resonator
+        from hpi.resonator import Resonator
 
         self.r = Resonator(pack)
 
@@ -258,7 +257,7 @@ def ws_bytes(n: int, masked: bool) -> int:
 
 
 def reconcile(store, prompt: dict, drafter, k: int, n_new: int, temperature: float, seed: int) -> dict:
-    from protocol import frames
+    from hpi.protocol import frames
 
     c0, w0 = time.process_time(), time.perf_counter()
     session = store.create(prompt["messages"])
@@ -715,10 +714,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from server.anchor import Anchor
-    from server.config import Settings
-    from server.models import load_model
-    from server.sessions import SessionStore
+    from hpi.anchor import Anchor
+    from hpi.config import Settings
+    from hpi.models import load_model
+    from hpi.sessions import SessionStore
 
     settings = Settings() if args.codec is None else Settings(codec=args.codec)
     log(f"loading {args.model} (torch threads {args.threads}), codec {settings.codec} ...")
@@ -747,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
         bprompts = build_prompts(lm, browser_ids, None)
         log(f"browser drafts: {', '.join(p['id'] for p in bprompts)} at K = {args.browser_ks_list} ...")
         try:
-            from server.app import create_app
+            from hpi.app import create_app
             from tests.browser import serve
 
             with serve(create_app(settings, anchor)) as base:

@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 ENGINE_FILES = ("client_web/resonator.js", "client_web/holo.js", "shaders")
 PROBE_WGSL = Path(__file__).with_name("bandwidth.wgsl")
@@ -334,7 +333,7 @@ def web_phase(base: str, sessions: dict[int, dict], args) -> dict:
 def python_resonator(anchor, holo: bytes, warm: int, n: int) -> dict:
     import torch
 
-    from server.resonator import Resonator
+    from hpi.resonator import Resonator
 
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -707,10 +706,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from server.anchor import Anchor
-    from server.app import create_app
-    from server.config import Settings
-    from server.models import load_model
+    from hpi.anchor import Anchor
+    from hpi.app import create_app
+    from hpi.config import Settings
+    from hpi.models import load_model
     from tests.browser import chromium_path, serve
 
     if not (REPO / "client_web" / "holo.js").is_file():

@@ -46,10 +46,9 @@ import msgpack
 import websockets.sync.client as ws_client
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from bench.reconcile import PROMPTS, SUMMARY_ASK, PythonDrafter  # noqa: E402
-from bench.resonator import machine  # noqa: E402
+from bench.reconcile import PROMPTS, SUMMARY_ASK, PythonDrafter
+from bench.resonator import machine
 
 CONFIGS = ("hpi-resonator", "hpi-perfect", "hpi-server", "llama.cpp")
 LONG_TEXTS = ("licence-apache-2.0", "licence-gpl-3", "licence-mpl-2.0", "licence-gfdl-1.3",
@@ -112,10 +111,10 @@ def build_prompts(lm, n: int) -> list[dict]:
 def prepare(prompts: list[dict], new: int, model: str = "default") -> None:
     """Per prompt: the anchor-only answer (`truth`, new + K + 1 tokens or to the end of turn) and
     the resonator's draft of every pass (`plan`), as the anchor's verdicts would steer it."""
-    from server.anchor import Anchor, Caches
-    from server.completions import decode
-    from server.config import Settings
-    from server.models import load_model
+    from hpi.anchor import Anchor, Caches
+    from hpi.completions import decode
+    from hpi.config import Settings
+    from hpi.models import load_model
 
     lm = load_model(model, "cpu")
     anchor = Anchor(lm, **Settings().anchor_options())
@@ -169,7 +168,7 @@ def start_hpi(threads: int, data_dir: Path) -> tuple[Server, str]:
            "HPI_MAX_COMPLETION_SECONDS": "3600",
            "OMP_NUM_THREADS": str(threads)}
     url = f"http://127.0.0.1:{port}"
-    return Server([sys.executable, "-m", "server.cli", "serve"], env, url + "/healthz", "hpi"), url
+    return Server([sys.executable, "-m", "hpi.cli", "serve"], env, url + "/healthz", "hpi"), url
 
 
 def start_llama(binary: str, gguf: str, threads: int, slots: int) -> tuple[Server, str]:
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     users = [int(u) for u in args.users.split(",")]
     configs = args.configs.split(",")
-    from server.models import load_model, resolve_model_path
+    from hpi.models import load_model, resolve_model_path
 
     lm = load_model("default", "cpu")
     prompts = build_prompts(lm, args.prompts)

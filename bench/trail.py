@@ -35,16 +35,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from protocol import frames  # noqa: E402
-from server import completions  # noqa: E402
-from server.anchor import Anchor, Caches  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.models import load_model  # noqa: E402
-from server.sessions import Session, SessionStore  # noqa: E402
-from server.trail import TrailCache  # noqa: E402
-from server.verify import verify  # noqa: E402
+from hpi.protocol import frames
+from hpi import completions
+from hpi.anchor import Anchor, Caches
+from hpi.config import Settings
+from hpi.models import load_model
+from hpi.sessions import Session, SessionStore
+from hpi.trail import TrailCache
+from hpi.verify import verify
 
 ALTERNATIVES = [" However", " Instead", " First", " Actually", " The", " In", " No", " Yes"]
 

@@ -5,8 +5,8 @@ expected results are written next to each file as JSON, derived from the source 
 rather than from a reader. Output is deterministic: the tests regenerate the vectors and
 compare them byte for byte with the committed ones.
 
-    python -m protocol.make_vectors             # rewrite protocol/vectors/
-    python -m protocol.make_vectors --example   # print the worked example for SPEC.md
+    python -m hpi.protocol.make_vectors             # rewrite protocol/vectors/
+    python -m hpi.protocol.make_vectors --example   # print the worked example for SPEC.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.holo import (
+from hpi.protocol.holo import (
     CHECKSUM_LEN, DEFAULT_MAX_INFLATE, DTYPE_CODES, ENTRY_HEAD, HEADER, MAX_DIM, MAX_META,
     MAX_TENSOR_BYTES, MAX_TENSORS, KIND_NAMES, Holo, HoloError, load_hologram, save_hologram,
 )

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from protocol.holo import HoloError, content_hash, load_hologram
-from server import hologram, pack, spectral
-from server.engine import PREFILL_CHUNK, Seq
-from server.metrics import METRICS
-from server.models import LoadedModel, check_same_tokenizer
-from server.spectral import PRESETS, CodecParams
-from server.trail import TrailCache
+from hpi.protocol.holo import HoloError, content_hash, load_hologram
+from hpi import hologram, pack, spectral
+from hpi.engine import PREFILL_CHUNK, Seq
+from hpi.metrics import METRICS
+from hpi.models import LoadedModel, check_same_tokenizer
+from hpi.spectral import PRESETS, CodecParams
+from hpi.trail import TrailCache
 
 
 @dataclass

@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,27 +30,30 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 
-from protocol import frames
-from server import completions, kernels
-from server.admission import Busy, Slots
-from server.anchor import Anchor
-from server.capture_api import capture_router
-from server.config import Settings
-from server.memory.api import memory_router
-from server.metrics import METRICS
-from server.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy, error_response
-from server.models import load_model
-from server.owners import OwnerError
-from server.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
-from server.sessions import Segment, Session, SessionError, SessionStore
-from server.transcripts import CHECKPOINT_NAME
+from hpi.protocol import frames
+from hpi import completions, kernels
+from hpi.admission import Busy, Slots
+from hpi.anchor import Anchor
+from hpi.capture_api import capture_router
+from hpi.config import Settings
+from hpi.memory.api import memory_router
+from hpi.metrics import METRICS
+from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy, error_response
+from hpi.models import load_model
+from hpi.owners import OwnerError
+from hpi.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
+from hpi.sessions import Segment, Session, SessionError, SessionStore
+from hpi.transcripts import CHECKPOINT_NAME
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
 # Names the session a response created, so a proxy can keep its later requests on this anchor
 # (scripts/haproxy.cfg), where its caches are.
 SESSION_HEADER = "X-HPI-Session"
-ROOT = Path(__file__).resolve().parent.parent
-STATIC = {"/client": ROOT / "client_web", "/shaders": ROOT / "shaders"}
+# The page and the kernels ship inside the distribution (hpi.web is client_web/, hpi.shaders is
+# shaders/); the kernels are also under the page's own folder, where the web SDK looks for them
+# (new URL("./shaders/", import.meta.url)).
+STATIC = {"/client/shaders": Path(str(files("hpi.shaders"))), "/client": Path(str(files("hpi.web"))),
+          "/shaders": Path(str(files("hpi.shaders")))}
 OPEN_PATHS = ("/", "/favicon.ico", "/healthz")  # with the static files: what needs no API key
 bearer = HTTPBearer(auto_error=False, description="the session token returned by POST /v1/sessions")
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from protocol.holo import Holo, save_hologram
-from server.models import LoadedModel
-from server.rope import rotate
+from hpi.protocol.holo import Holo, save_hologram
+from hpi.models import LoadedModel
+from hpi.rope import rotate
 
 # Axis letters of a state's shape: "t" context token (a query, for attention), "k" key
 # token, "h" query head, "g" KV head, and feature axes "d" (Dh), "m" (Dm), "f" (F), "v" (V).

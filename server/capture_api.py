@@ -39,15 +39,15 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
-from server.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
+from hpi.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
                             select)
-from server.config import Settings
-from server.hyperbolic import StateStore, StoreError
-from server.metrics import METRICS
-from server.middleware import error_response
-from server.models import LoadedModel
-from server.owners import PREFIX, OwnerError, Owners, owner_id
-from server.sessions import SessionStore
+from hpi.config import Settings
+from hpi.hyperbolic import StateStore, StoreError
+from hpi.metrics import METRICS
+from hpi.middleware import error_response
+from hpi.models import LoadedModel
+from hpi.owners import PREFIX, OwnerError, Owners, owner_id
+from hpi.sessions import SessionStore
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
 # States a vector per token can be read from: a token axis first (pattern-like states are not).

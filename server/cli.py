@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from protocol.holo import ENTRY_HEAD, ENTRY_TAIL, ENTRY_TYPE, FLAG_DEFLATE, HEADER, HoloError, load_hologram
+from hpi.protocol.holo import ENTRY_HEAD, ENTRY_TAIL, ENTRY_TYPE, FLAG_DEFLATE, HEADER, HoloError, load_hologram
 
 
 class CommandError(Exception):
@@ -18,13 +18,13 @@ class CommandError(Exception):
 
 def settings_from(args: argparse.Namespace, *fields: str):
     """Settings from HPI_* env, overridden by the flags among `fields` that the user gave."""
-    from server.config import Settings
+    from hpi.config import Settings
 
     return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 
 
 def load_lm(name: str, device: str):
-    from server.models import ModelError, load_model
+    from hpi.models import ModelError, load_model
 
     try:
         return load_model(name, device)
@@ -33,7 +33,7 @@ def load_lm(name: str, device: str):
 
 
 def check_codec(name: str) -> None:
-    from server.spectral import PRESETS
+    from hpi.spectral import PRESETS
 
     if name not in PRESETS:
         raise CommandError(f"unknown codec preset {name!r}; known: {', '.join(PRESETS)}")
@@ -42,9 +42,9 @@ def check_codec(name: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from server.app import create_app
-    from server.models import ModelError, resolve_model_path
-    from server.serving import server_options
+    from hpi.app import create_app
+    from hpi.models import ModelError, resolve_model_path
+    from hpi.serving import server_options
 
     settings = settings_from(args, "model", "resonator_model", "host", "port", "codec")
     check_codec(settings.codec)
@@ -96,7 +96,7 @@ def cmd_holo_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_holo_build(args: argparse.Namespace) -> None:
-    from server.anchor import Anchor, Caches
+    from hpi.anchor import Anchor, Caches
 
     settings = settings_from(args, "model", "codec")
     check_codec(settings.codec)
@@ -117,7 +117,7 @@ def cmd_holo_build(args: argparse.Namespace) -> None:
 
 
 def cmd_pack_build(args: argparse.Namespace) -> None:
-    from server.anchor import Anchor
+    from hpi.anchor import Anchor
 
     settings = settings_from(args, "model")
     anchor = Anchor(load_lm(settings.model, settings.device), **settings.anchor_options())

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-from server.anchor import prefill
-from server.engine import Seq
-from server.metrics import METRICS
-from server.models import LoadedModel
-from server.sampling import choose
-from server.trail import TrailCache
+from hpi.anchor import prefill
+from hpi.engine import Seq
+from hpi.metrics import METRICS
+from hpi.models import LoadedModel
+from hpi.sampling import choose
+from hpi.trail import TrailCache
 
 
 def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,

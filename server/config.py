@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.owners import Owners
+from hpi.owners import Owners
 
 # A key is also offered as a websocket subprotocol (browsers cannot set a websocket's headers),
 # so it must be an HTTP token; 16 characters at least, so that guessing at a client's rate is hopeless.

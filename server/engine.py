@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server import kernels
-from server.llama import rms_norm, weights_from_hf
-from server.quant import QuantMatrix
-from server.rope import rope_tables, rotate
-from server.trail import TrailCache
+from hpi import kernels
+from hpi.llama import rms_norm, weights_from_hf
+from hpi.quant import QuantMatrix
+from hpi.rope import rope_tables, rotate
+from hpi.trail import TrailCache
 
 ROW_ALIGN = 8
 PREFILL_CHUNK = 256  # prompt rows attend in chunks starting at multiples of this position

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from protocol.holo import Holo, load_hologram, save_hologram
-from server.pack import CodecBasis
-from server.spectral import BASES, CodecParams, Encoded, decode, encode
+from hpi.protocol.holo import Holo, load_hologram, save_hologram
+from hpi.pack import CodecBasis
+from hpi.spectral import BASES, CodecParams, Encoded, decode, encode
 
 FORMAT = "hpi.conversation/1"
 PARTS = [f.name for f in fields(Encoded)]

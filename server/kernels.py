@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from server import _kernels
+    from hpi import _kernels
 except ImportError:  # not built (pip install -e . builds it): the engine falls back to torch
     _kernels = None
 

@@ -1,6 +1,6 @@
 """Every limit on what one request, frame, batch or client may cost, in one table.
 
-The README's table of limits is written from it (`python -m server.limits` rewrites it between
+The README's table of limits is written from it (`python -m hpi.limits` rewrites it between
 its markers; tests/test_security.py fails while the two differ), and tests/test_security.py
 checks for each row that going one past the limit is refused as the row says. A limit is a
 setting (`HPI_<NAME>`, server/config.py), whose default is read from the settings, or a fixed
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from protocol import frames
-from server import capture_api, hyperbolic, serving, sessions
-from server.config import Settings
-from server.memory import budget
+from hpi.protocol import frames
+from hpi import capture_api, hyperbolic, serving, sessions
+from hpi.config import Settings
+from hpi.memory import budget
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = ("<!-- limits table -->", "<!-- /limits table -->")

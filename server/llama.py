@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.rope import rope_tables, rotate
+from hpi.rope import rope_tables, rotate
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys (post-RoPE), values: [G, T, Dh] each
 

@@ -97,9 +97,9 @@ class LoadedModel:
     def scheduler(self):
         """The model's forward pass, batched across all its callers (server/scheduler.py): every
         choice of the anchor model goes through it."""
-        from server.engine import Engine
-        from server.quant import gguf_blocks
-        from server.scheduler import Scheduler
+        from hpi.engine import Engine
+        from hpi.quant import gguf_blocks
+        from hpi.scheduler import Scheduler
         with _SCHEDULER_LOCK:
             if "scheduler" not in self.__dict__:
                 use_blocks = self.quantized and self.path.suffix == ".gguf" and self.model.device.type == "cpu"

@@ -20,7 +20,7 @@ import os
 import secrets
 from pathlib import Path
 
-from server.durable import write_atomic
+from hpi.durable import write_atomic
 
 PREFIX = "hpo_"
 _NONCE = 24  # bytes: 192 random bits

@@ -15,11 +15,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from protocol.holo import Holo, load_hologram, save_hologram
-from server.llama import LayerWeights, LlamaWeights, weights_from_hf
-from server.models import LoadedModel
-from server.rope import rope_tables, unrotate
-from server.spectral import Basis, calibrate
+from hpi.protocol.holo import Holo, load_hologram, save_hologram
+from hpi.llama import LayerWeights, LlamaWeights, weights_from_hf
+from hpi.models import LoadedModel
+from hpi.rope import rope_tables, unrotate
+from hpi.spectral import Basis, calibrate
 
 BLOCK = 32  # weights per quantization block (GGUF Q4_1 / Q8_0)
 FORMAT = "hpi.model_pack/1"

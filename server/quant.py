@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-from server import kernels
+from hpi import kernels
 
 
 PANEL = 8  # output rows whose blocks the kernels read together

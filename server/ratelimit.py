@@ -18,8 +18,8 @@ import logging
 import threading
 import time
 
-from server.metrics import METRICS
-from server.middleware import error_response
+from hpi.metrics import METRICS
+from hpi.middleware import error_response
 
 log = logging.getLogger(__name__)
 

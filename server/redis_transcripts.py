@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import redis
 
-from server.transcripts import StoreUnavailable, Transcript, TranscriptConflict, parse
+from hpi.transcripts import StoreUnavailable, Transcript, TranscriptConflict, parse
 
 KEY = "hpi:session:{}"
 

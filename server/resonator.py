@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from protocol.holo import Holo, content_hash, load_hologram
-from server import hologram
-from server.llama import KV, extend, forward
-from server.pack import basis_from_pack, weights_from_pack
-from server.sampling import choose
+from hpi.protocol.holo import Holo, content_hash, load_hologram
+from hpi import hologram
+from hpi.llama import KV, extend, forward
+from hpi.pack import basis_from_pack, weights_from_pack
+from hpi.sampling import choose
 
 
 class Resonator:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server import kernels
-from server.admission import Busy
-from server.engine import Engine, Seq, check_invariance
-from server.metrics import METRICS
+from hpi import kernels
+from hpi.admission import Busy
+from hpi.engine import Engine, Seq, check_invariance
+from hpi.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

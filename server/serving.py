@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from protocol.frames import MAX_FRAME_BYTES
+from hpi.protocol.frames import MAX_FRAME_BYTES
 
 CONTROL_RATE = 20.0  # control frames per second, on average
 CONTROL_BURST = 50.0

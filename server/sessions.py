@@ -53,13 +53,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from protocol import frames
-from protocol.holo import content_hash
-from server import turns
-from server.anchor import Anchor, Caches
-from server.config import Settings
-from server.transcripts import SESSION_ID, Checkpoint, Transcript, TranscriptConflict, open_transcripts
-from server.verify import verify
+from hpi.protocol import frames
+from hpi.protocol.holo import content_hash
+from hpi import turns
+from hpi.anchor import Anchor, Caches
+from hpi.config import Settings
+from hpi.transcripts import SESSION_ID, Checkpoint, Transcript, TranscriptConflict, open_transcripts
+from hpi.verify import verify
 
 log = logging.getLogger(__name__)
 

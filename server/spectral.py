@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from server.rope import rope_tables, rotate, unrotate
+from hpi.rope import rope_tables, rotate, unrotate
 
 BASES = ("raw", "pca", "svd")  # index = the basis code stored per block
 

@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from server.durable import write_atomic
+from hpi.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,6 @@ class TranscriptDir:
 def open_transcripts(settings) -> TranscriptDir:
     """The store the settings name (server/config.py `session_store`)."""
     if settings.session_store == "redis":
-        from server.redis_transcripts import RedisTranscripts
+        from hpi.redis_transcripts import RedisTranscripts
         return RedisTranscripts(settings.redis_url, settings.session_ttl_s)
     return TranscriptDir(settings.sessions_path())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 
-from server.models import LoadedModel, ModelError
+from hpi.models import LoadedModel, ModelError
 
 
 def next_turn_ids(lm: LoadedModel, history: list[dict], answer_ids: list[int], messages: list[dict]) -> list[int]:

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from server.anchor import Caches
-from server.engine import Seq
-from server.metrics import METRICS
-from server.models import LoadedModel
-from server.sampling import choose
+from hpi.anchor import Caches
+from hpi.engine import Seq
+from hpi.metrics import METRICS
+from hpi.models import LoadedModel
+from hpi.sampling import choose
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import uvicorn
 
-from server.serving import server_options
+from hpi.serving import server_options
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--enable-unsafe-webgpu", "--enable-features=Vulkan",

@@ -18,22 +18,22 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    from server.models import load_model
+    from hpi.models import load_model
     return load_model(str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (SmolLM2-135M-Instruct, packaged GGUF); loaded once per run."""
-    from server.models import load_model
+    from hpi.models import load_model
     return load_model("default", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm_anchor(smollm):
     """An anchor on the real model; its pack is cached where `hpi serve` keeps it."""
-    from server.anchor import Anchor
-    from server.config import Settings
+    from hpi.anchor import Anchor
+    from hpi.config import Settings
     return Anchor(smollm, **Settings().anchor_options())
 
 
@@ -49,9 +49,9 @@ def browser():
 def tiny_server(tiny, tmp_path_factory):
     """The real anchor app on the tiny model, on a loopback port: (base URL, anchor). Its session
     transcripts go to a directory of this run, so sessions never pile up across runs."""
-    from server.anchor import Anchor
-    from server.app import create_app
-    from server.config import Settings
+    from hpi.anchor import Anchor
+    from hpi.app import create_app
+    from hpi.config import Settings
     from tests.browser import serve
     anchor = Anchor(tiny)
     settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("tiny-sessions")))
@@ -62,8 +62,8 @@ def tiny_server(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm_server(smollm_anchor, tmp_path_factory):
     """The real anchor app on SmolLM2: (base URL, anchor); session transcripts as for tiny_server."""
-    from server.app import create_app
-    from server.config import Settings
+    from hpi.app import create_app
+    from hpi.config import Settings
     from tests.browser import serve
     settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("smollm-sessions")))
     with serve(create_app(settings, smollm_anchor)) as url:
@@ -82,7 +82,7 @@ def page(browser, tiny_server):
 
 @pytest.fixture(scope="session")
 def tiny_anchor(tiny):
-    from server.anchor import Anchor
+    from hpi.anchor import Anchor
     return Anchor(tiny)
 
 
@@ -92,8 +92,8 @@ def make_client(tiny_anchor, tmp_path):
     transcripts; they share one memories directory, so a second one sees the first's memories."""
     from tests.app_client import app_client
 
-    from server.app import create_app
-    from server.config import Settings
+    from hpi.app import create_app
+    from hpi.config import Settings
     clients = []
 
     def make(**settings):

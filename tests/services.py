@@ -95,7 +95,7 @@ class Anchor:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HPI_HOST": "127.0.0.1", "HPI_PORT": str(self.port), **self.env}
         log = open(self.folder / "anchor.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "hpi.cli", "serve"], cwd=REPO, env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         _wait(lambda: _answers(self.url + "/healthz"), self.proc, f"the anchor on port {self.port}", timeout)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import msgpack
 
-from protocol import frames
-from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
+from hpi.protocol import frames
+from hpi.anchor import Anchor
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 
 

@@ -1,9 +1,9 @@
 import pytest
 
-from protocol import frames
-from protocol.holo import content_hash, load_hologram
-from server.app import create_app
-from server.config import Settings
+from hpi.protocol import frames
+from hpi.protocol.holo import content_hash, load_hologram
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 from tests.http_errors import assert_error
 

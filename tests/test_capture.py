@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.holo import load_hologram
-from server.capture import (ACTIVATIONS, BYTES_PER_ELEMENT, HEAD_SUMMARY, STATES, CaptureError, Dims, capture,
+from hpi.protocol.holo import load_hologram
+from hpi.capture import (ACTIVATIONS, BYTES_PER_ELEMENT, HEAD_SUMMARY, STATES, CaptureError, Dims, capture,
                             elements, estimate_bytes, forward, select)
 
 TEXT = "The anchor keeps the exact KV cache; the page decodes from a hologram of it."

@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from protocol.holo import load_hologram
-from server import capture_api
-from server.capture import STATES, Dims, capture, estimate_bytes, select
-from server.capture_api import Admission, Busy
-from server.config import Settings
-from server.hyperbolic import OWNER_SHARE
+from hpi.protocol.holo import load_hologram
+from hpi import capture_api
+from hpi.capture import STATES, Dims, capture, estimate_bytes, select
+from hpi.capture_api import Admission, Busy
+from hpi.config import Settings
+from hpi.hyperbolic import OWNER_SHARE
 from tests.http_errors import assert_error
 
 TEXT = "The anchor keeps the exact KV cache; the page decodes from a hologram of it."

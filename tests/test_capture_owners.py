@@ -4,9 +4,9 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.capture_api import capture_router
-from server.config import Settings
-from server.owners import Owners
+from hpi.capture_api import capture_router
+from hpi.config import Settings
+from hpi.owners import Owners
 from tests.http_errors import assert_error
 
 SECRET = "Note to self: my card PIN is 4711."

@@ -6,7 +6,7 @@ import openai
 import pytest
 import torch
 
-from server import completions
+from hpi import completions
 
 MESSAGES = [{"role": "user", "content": "Name three things a cache keeps."}]
 

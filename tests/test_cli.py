@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import uvicorn
 
-from protocol.holo import Holo, load_hologram, save_hologram
-from server.cli import main
-from server.serving import server_options
+from hpi.protocol.holo import Holo, load_hologram, save_hologram
+from hpi.cli import main
+from hpi.serving import server_options
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_pack_build(tiny_model_dir, tmp_path, capsys):
 
 
 def test_serve_help():
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"],
+    r = subprocess.run([sys.executable, "-m", "hpi.cli", "serve", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     for flag in ("--model", "--resonator-model", "--host", "--port", "--codec"):

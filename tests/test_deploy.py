@@ -133,7 +133,7 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
 
 def test_dockerfile_runs_hpi_serve_on_the_exposed_port():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["hpi"] == "server.cli:main"
+    assert scripts["hpi"] == "hpi.cli:main"
     (cmd,) = instructions("CMD")
     argv = json.loads(cmd)  # exec form, so signals reach the server directly
     assert argv[:2] == ["hpi", "serve"]

@@ -29,8 +29,8 @@ import pytest
 from websockets.exceptions import InvalidHandshake
 from websockets.sync.client import connect
 
-from protocol import frames
-from server import completions
+from hpi.protocol import frames
+from hpi import completions
 from tests.services import Anchor, haproxy, redis_server
 from tests.syncing import sync_answer
 
@@ -70,7 +70,7 @@ class Channel:
 def lm(tiny):
     if not MODEL:
         return tiny
-    from server.models import load_model
+    from hpi.models import load_model
     return load_model(MODEL, device="cpu")
 
 

@@ -41,8 +41,8 @@ import pytest
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from protocol import frames
-from server import completions
+from hpi.protocol import frames
+from hpi import completions
 
 REPO = Path(__file__).resolve().parent.parent
 K = 6  # drafted tokens per pass
@@ -62,7 +62,7 @@ PROMPTS = ["What survives a crash?", "Tell me about disks.", "Why do sockets res
 # process alone. The children's logs go to files; the forking process leaves them to the kernel to reap.
 FORKER = r"""
 import json, os, signal, sys
-import server.app, server.cli
+import hpi.app, server.cli
 for name in ("transformers.models.llama.modeling_llama", "transformers.models.llama.configuration_llama",
              "transformers.tokenization_utils_fast", "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on",
              "uvicorn.loops.auto", "uvicorn.protocols.websockets.websockets_sansio_impl"):
@@ -168,7 +168,7 @@ class AnchorProcess:
         args = ["serve", "--model", str(model), "--port", str(self.port)]
         if prefix:
             with self.log.open("wb") as out:
-                self.proc = Spawned(subprocess.Popen([*prefix, sys.executable, "-m", "server.cli", *args], cwd=REPO,
+                self.proc = Spawned(subprocess.Popen([*prefix, sys.executable, "-m", "hpi.cli", *args], cwd=REPO,
                                                      env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT))
         else:
             self.proc = forker.spawn(args, env, self.log)

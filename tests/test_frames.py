@@ -11,8 +11,8 @@ import random
 import msgpack
 import pytest
 
-from protocol import frames
-from protocol.frames import MAX_FRAME_BYTES, Draft, FrameError, Hello, decode, encode
+from hpi.protocol import frames
+from hpi.protocol.frames import MAX_FRAME_BYTES, Draft, FrameError, Hello, decode, encode
 
 CHAIN = bytes(range(32))
 HELLO = {"v": 1, "type": "hello", "token": "s3cret", "position": 34, "chain": CHAIN,

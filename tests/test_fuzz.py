@@ -41,10 +41,10 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from protocol import frames
-from protocol import make_vectors as mv
-from protocol.frames import MAX_FRAME_BYTES, FrameError
-from protocol.holo import (
+from hpi.protocol import frames
+from hpi.protocol import make_vectors as mv
+from hpi.protocol.frames import MAX_FRAME_BYTES, FrameError
+from hpi.protocol.holo import (
     CHECKSUM_LEN, DTYPES, FLAG_DEFLATE, HEADER, KIND_NAMES, MAGIC, MAX_META, MAX_NAME, MAX_TENSORS, Holo,
     HoloError, load_hologram, save_hologram,
 )
@@ -521,8 +521,8 @@ class Api:
 def api(tiny_anchor, tmp_path_factory):
     """Limits raised so that hundreds of fuzzed calls from one address keep getting answers, and
     completions kept short."""
-    from server.app import create_app
-    from server.config import Settings
+    from hpi.app import create_app
+    from hpi.config import Settings
     from tests.browser import serve
     root = tmp_path_factory.mktemp("fuzz-api")
     settings = Settings(sessions_dir=str(root / "sessions"), memories_dir=str(root / "memories"),

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import make_vectors as mv
-from protocol.holo import (
+from hpi.protocol import make_vectors as mv
+from hpi.protocol.holo import (
     CHECKSUM_LEN, DTYPES, HEADER, KINDS, MAGIC, MAX_META, Holo, HoloError, content_hash,
     load_hologram, save_hologram,
 )

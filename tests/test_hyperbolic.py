@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from server.hyperbolic import MAX_NORM, METRICS, OWNER_SHARE, StateStore, StoreError, to_ball
+from hpi.hyperbolic import MAX_NORM, METRICS, OWNER_SHARE, StateStore, StoreError, to_ball
 
 
 def mobius_add(x, y, c):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from server import kernels
-from server.quant import QuantMatrix, gguf_blocks
+from hpi import kernels
+from hpi.quant import QuantMatrix, gguf_blocks
 
 
 def test_the_kernels_are_built():
@@ -111,8 +111,8 @@ def test_bad_arguments_are_refused():
 def test_the_real_model_runs_over_its_own_blocks(smollm):
     """Every projection and the output head of the packaged GGUF run over its blocks, which hold
     exactly transformers' weights; the engine's logits match the fp32 forward to rounding."""
-    from server.engine import Seq
-    from server.trail import TrailCache
+    from hpi.engine import Seq
+    from hpi.trail import TrailCache
 
     blocks = gguf_blocks(smollm.path, smollm.model)
     layers = smollm.config.num_hidden_layers

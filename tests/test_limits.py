@@ -15,11 +15,11 @@ import pytest
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from protocol import frames
-from server import completions
-from server.app import create_app
-from server.config import Settings
-from server.metrics import METRICS
+from hpi.protocol import frames
+from hpi import completions
+from hpi.app import create_app
+from hpi.config import Settings
+from hpi.metrics import METRICS
 from tests.app_client import app_client
 from tests.browser import serve
 from tests.http_errors import assert_error

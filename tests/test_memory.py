@@ -4,11 +4,11 @@ holographic binding, retrieval paths, dreaming and forgetting, persistence."""
 import numpy as np
 import pytest
 
-from protocol.holo import load_hologram, save_hologram
-from server.memory import clifford, persist, so4
-from server.memory.dreaming import dream
-from server.memory.episodic import Episodic
-from server.memory.store import PATHS, Config, Mechanisms, Memory, default_satellites
+from hpi.protocol.holo import load_hologram, save_hologram
+from hpi.memory import clifford, persist, so4
+from hpi.memory.dreaming import dream
+from hpi.memory.episodic import Episodic
+from hpi.memory.store import PATHS, Config, Mechanisms, Memory, default_satellites
 
 
 @pytest.mark.parametrize("dim", so4.DIMS)
@@ -71,7 +71,7 @@ def test_episodic_counts_are_exact_and_survive_hash_collisions(monkeypatch):
     q, t, c = ep.lookup(np.array([[1, 2], [9, 9], [3, 4]]))
     assert sorted(zip(q.tolist(), t.tolist(), c.tolist())) == [(0, 5, 2), (0, 7, 1), (2, 6, 1)]
     # Every context hashing alike: lookups stay exact because hits are checked against the ids.
-    from server.memory import episodic
+    from hpi.memory import episodic
     monkeypatch.setattr(episodic, "hash_rows", lambda rows: np.zeros(len(rows), np.uint64))
     ep = Episodic(2)
     ep.add(np.array([[1, 2], [3, 4], [1, 2]]), np.array([5, 5, 5]))

@@ -181,7 +181,7 @@ def test_dreaming_with_forgetting_on_an_empty_memory(client):
 
 
 def test_unexpected_errors_name_no_exception(client, monkeypatch):
-    from server.memory import store
+    from hpi.memory import store
     h = create(client)["auth"]
 
     def boom(*args, **kwargs):

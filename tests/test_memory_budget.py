@@ -7,8 +7,8 @@ import tracemalloc
 
 import numpy as np
 
-from server.memory import budget
-from server.memory.store import Config
+from hpi.memory import budget
+from hpi.memory.store import Config
 from tests.http_errors import assert_error
 from tests.test_memory_api import create
 
@@ -24,7 +24,7 @@ def test_an_oversized_memory_is_refused_before_it_is_allocated(client, tmp_path)
 
 def test_the_estimate_bounds_what_a_memory_holds():
     config = Config(vocab=1000, context=3, dim=8, satellites=512)
-    from server.memory.store import Memory
+    from hpi.memory.store import Memory
     mem = Memory(config)
     held = sum(a.nbytes for a in (mem.satellites, mem.load, mem.unigram, mem.emb, mem._emb_flat))
     assert held <= budget.fixed_bytes(config) <= 1.5 * held

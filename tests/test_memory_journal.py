@@ -5,7 +5,7 @@ journals; compaction and dreams write a new snapshot."""
 import numpy as np
 import pytest
 
-from server.memory import journal
+from hpi.memory import journal
 from tests.http_errors import assert_error
 from tests.test_memory_api import create
 

@@ -3,9 +3,9 @@ owner's memories observable, the per-owner limit, files named and stamped by own
 
 import pytest
 
-from protocol.holo import load_hologram
-from server.memory import budget
-from server.memory.registry import MemoryServiceError, Registry
+from hpi.protocol.holo import load_hologram
+from hpi.memory import budget
+from hpi.memory.registry import MemoryServiceError, Registry
 from tests.http_errors import assert_error
 from tests.test_memory_api import create
 

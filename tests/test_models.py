@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from server.anchor import Anchor
-from server.models import ModelError, check_same_tokenizer, load_model, resolve_model_path
+from hpi.anchor import Anchor
+from hpi.models import ModelError, check_same_tokenizer, load_model, resolve_model_path
 from tests.tiny_model import build_tiny_llama
 
 
@@ -46,12 +46,12 @@ def test_tokenizer_mismatch(tiny, tmp_path, monkeypatch):
 def test_same_tokenizer_different_models(tiny, tmp_path):
     bigger = load_model(str(build_tiny_llama(tmp_path / "big", layers=3, hidden=96, heads=6, kv_heads=3)))
     anchor = Anchor(bigger, tiny, calibration_tokens=256)  # a bigger anchor, the tiny one in the browser
-    from server.anchor import Caches
+    from hpi.anchor import Caches
     caches = Caches()
     ids = tiny.chat_ids([{"role": "user", "content": "two models, one tokenizer"}])
     anchor.prefill(caches, ids)
     assert caches.resonator is not None and caches.resonator.get_seq_length() == len(ids)
-    from protocol.holo import load_hologram
+    from hpi.protocol.holo import load_hologram
     meta = load_hologram(anchor.hologram_bytes(caches)).meta
     assert meta["model_id"] == tiny.model_id and meta["kv_heads"] == tiny.config.num_key_value_heads
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-from server.app import create_app
-from server.config import Settings
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 from tests.http_errors import assert_error
 from tests.services import redis_server

@@ -4,9 +4,9 @@ import gguf
 import numpy as np
 import torch
 
-from protocol.holo import load_hologram
-from server.llama import forward, weights_from_hf
-from server.pack import (BLOCK, _gguf_planes, _unpermute_rows, basis_from_pack, build_pack, dequantize,
+from hpi.protocol.holo import load_hologram
+from hpi.llama import forward, weights_from_hf
+from hpi.pack import (BLOCK, _gguf_planes, _unpermute_rows, basis_from_pack, build_pack, dequantize,
                          q8_0_quantize, vocab_bytes, weights_from_pack)
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from protocol import frames
-from protocol.holo import load_hologram
-from server import completions
-from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
+from hpi.protocol import frames
+from hpi.protocol.holo import load_hologram
+from hpi import completions
+from hpi.anchor import Anchor
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 from tests.syncing import chain_of, send, sync_answer
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.holo import load_hologram
-from server import hologram
-from server.anchor import Caches
-from server.llama import extend, forward, weights_from_hf
-from server.pack import LINEAR, weights_from_pack
-from server.resonator import Resonator
+from hpi.protocol.holo import load_hologram
+from hpi import hologram
+from hpi.anchor import Caches
+from hpi.llama import extend, forward, weights_from_hf
+from hpi.pack import LINEAR, weights_from_pack
+from hpi.resonator import Resonator
 
 pytestmark = pytest.mark.real_model
 REPO = Path(__file__).resolve().parent.parent

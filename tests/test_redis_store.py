@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import frames
-from server import completions
-from server.app import create_app
-from server.config import Settings
+from hpi.protocol import frames
+from hpi import completions
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 from tests.services import redis_server
 from tests.syncing import create, send, sync_answer

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from server import hologram
-from server.anchor import Anchor, Caches
-from server.llama import extend, forward
-from server.resonator import Resonator
-from server.spectral import CodecParams
-from server.sampling import choose, gumbel, lowbias32, uniform
+from hpi import hologram
+from hpi.anchor import Anchor, Caches
+from hpi.llama import extend, forward
+from hpi.resonator import Resonator
+from hpi.spectral import CodecParams
+from hpi.sampling import choose, gumbel, lowbias32, uniform
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "sampling_vectors.json"
 

@@ -28,13 +28,13 @@ import pydantic
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from protocol import frames
-from server import capture_api, completions, limits, serving
-from server.app import create_app
-from server.config import Settings
-from server.memory import budget
-from server.memory.store import Config
-from server.middleware import API_KEY_PROTOCOL
+from hpi.protocol import frames
+from hpi import capture_api, completions, limits, serving
+from hpi.app import create_app
+from hpi.config import Settings
+from hpi.memory import budget
+from hpi.memory.store import Config
+from hpi.middleware import API_KEY_PROTOCOL
 from tests.app_client import app_client
 from tests.http_errors import assert_error
 from tests.syncing import send
@@ -172,6 +172,7 @@ ROUTES: dict[str, Row] = {
     "GET HEAD /docs": anyone(http("GET", lambda w: "/docs"), 200),
     "GET HEAD /docs/oauth2-redirect": anyone(http("GET", lambda w: "/docs/oauth2-redirect"), 200),
     "GET HEAD /redoc": anyone(http("GET", lambda w: "/redoc"), 200),
+    "MOUNT /client/shaders": anyone(http("GET", lambda w: "/client/shaders/gemv.wgsl"), 200),
     "MOUNT /client": anyone(http("GET", lambda w: "/client/"), 200),
     "MOUNT /shaders": anyone(http("GET", lambda w: "/shaders/README.md"), 200),
     "GET /v1/models": anyone(http("GET", lambda w: "/v1/models"), 200),
@@ -221,7 +222,8 @@ ROUTES: dict[str, Row] = {
     "GET /v1/memories/{name}/stats": memory("/stats"),
 }
 # What an anchor with API keys still answers without one: the page, so that it loads, and the health check.
-OPEN_WITHOUT_KEY = {"GET HEAD /", "GET /favicon.ico", "GET /healthz", "MOUNT /client", "MOUNT /shaders"}
+OPEN_WITHOUT_KEY = {"GET HEAD /", "GET /favicon.ico", "GET /healthz", "MOUNT /client/shaders", "MOUNT /client",
+                    "MOUNT /shaders"}
 
 
 def route_keys(app) -> set[str]:
@@ -345,7 +347,7 @@ def test_api_keys_come_from_the_environment_as_a_json_list(monkeypatch):
 
 
 def test_the_readme_table_is_the_limits_table():
-    assert limits.in_readme(limits.README.read_text()) == limits.table(), "run `python -m server.limits`"
+    assert limits.in_readme(limits.README.read_text()) == limits.table(), "run `python -m hpi.limits`"
 
 
 @dataclass

@@ -6,11 +6,11 @@ import threading
 import pytest
 import torch
 
-from server import completions
-from server.anchor import Caches
-from server.engine import Seq, check_invariance
-from server.trail import TrailCache
-from server.verify import verify
+from hpi import completions
+from hpi.anchor import Caches
+from hpi.engine import Seq, check_invariance
+from hpi.trail import TrailCache
+from hpi.verify import verify
 
 SESSIONS = 8
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.rope import inv_freq_default, rope_tables, rotate, unrotate
-from server.spectral import BASES, CodecParams, calibrate, decode, encode, split
+from hpi.rope import inv_freq_default, rope_tables, rotate, unrotate
+from hpi.spectral import BASES, CodecParams, calibrate, decode, encode, split
 
 L, G, DH = 2, 2, 16
 INV_FREQ = inv_freq_default(DH, 10000.0).float()

@@ -6,11 +6,11 @@ import msgpack
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from protocol import frames
-from server import completions
-from server.anchor import Anchor
-from server.app import create_app
-from server.config import Settings
+from hpi.protocol import frames
+from hpi import completions
+from hpi.anchor import Anchor
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.app_client import app_client
 from tests.syncing import chain_of, send
 

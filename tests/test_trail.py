@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from protocol import frames
-from protocol.holo import load_hologram
-from server import completions, turns
-from server.anchor import Anchor
-from server.models import load_model
-from server.trail import TAIL_ROOM
+from hpi.protocol import frames
+from hpi.protocol.holo import load_hologram
+from hpi import completions, turns
+from hpi.anchor import Anchor
+from hpi.models import load_model
+from hpi.trail import TAIL_ROOM
 from tests.syncing import chain_of, client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from server import completions
-from server.anchor import Anchor, Caches
-from server.verify import verify
+from hpi import completions
+from hpi.anchor import Anchor, Caches
+from hpi.verify import verify
 
 MESSAGES = [{"role": "user", "content": "Draft a short answer about caches."}]
 

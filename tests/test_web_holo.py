@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from protocol import make_vectors as mv
-from protocol.holo import (
+from hpi.protocol import make_vectors as mv
+from hpi.protocol.holo import (
     CHECKSUM_LEN, HEADER, Holo, HoloError, content_hash, load_hologram, save_hologram,
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.resonator import Resonator
+from hpi.resonator import Resonator
 
 pytestmark = pytest.mark.browser
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.holo import load_hologram
-from server import hologram
-from server.resonator import Resonator
-from server.sampling import uniform
+from hpi.protocol.holo import load_hologram
+from hpi import hologram
+from hpi.resonator import Resonator
+from hpi.sampling import uniform
 
 pytestmark = pytest.mark.browser
 

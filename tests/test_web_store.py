@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from protocol.holo import content_hash
+from hpi.protocol.holo import content_hash
 
 pytestmark = pytest.mark.browser
 

@@ -10,9 +10,9 @@ from contextlib import ExitStack
 
 import pytest
 
-from server import completions
-from server.app import create_app
-from server.config import Settings
+from hpi import completions
+from hpi.app import create_app
+from hpi.config import Settings
 from tests.browser import serve
 from tests.test_web_page import PROMPT, Page
 

@@ -25,13 +25,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.config import Settings
-from server.memory import budget
-from server.memory.dreaming import dream
-from server.memory.registry import MemoryServiceError, Registry
-from server.memory.store import PATHS, Config, InvalidInput, Memory
-from server.middleware import error_response
-from server.owners import OwnerError, Owners, owner_id
+from hpi.config import Settings
+from hpi.memory import budget
+from hpi.memory.dreaming import dream
+from hpi.memory.registry import MemoryServiceError, Registry
+from hpi.memory.store import PATHS, Config, InvalidInput, Memory
+from hpi.middleware import error_response
+from hpi.owners import OwnerError, Owners, owner_id
 
 log = logging.getLogger(__name__)
 

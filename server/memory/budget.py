@@ -17,7 +17,7 @@ A learn of L tokens adds at most L - n rows, so its growth is checked before it 
 
 from __future__ import annotations
 
-from server.memory.store import Config
+from hpi.memory.store import Config
 
 MAX_MEMORY_BYTES = 64 << 20  # one memory: refused with 413 memory_too_large beyond it
 MAX_TOTAL_BYTES = 512 << 20  # all memories of the anchor together: 503 memories_full beyond it

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.memory import clifford
-from server.memory.store import CANDIDATES, InvalidInput, Memory, Prototypes
+from hpi.memory import clifford
+from hpi.memory.store import CANDIDATES, InvalidInput, Memory, Prototypes
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.durable import write_atomic
+from hpi.durable import write_atomic
 
 MAGIC = b"HPIMJ\x001\n"
 ID_BYTES = 16

@@ -18,11 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from protocol.holo import HEADER, Holo, HoloError, load_hologram, save_hologram
-from server.durable import write_atomic
-from server.memory import so4
-from server.memory.episodic import Episodic
-from server.memory.store import Config, Memory, Prototypes
+from hpi.protocol.holo import HEADER, Holo, HoloError, load_hologram, save_hologram
+from hpi.durable import write_atomic
+from hpi.memory import so4
+from hpi.memory.episodic import Episodic
+from hpi.memory.store import Config, Memory, Prototypes
 
 FORMAT = "hpi.memory/2"  # /1 had no owner, snapshot id or episode count
 KIND = "captured_state"

@@ -37,8 +37,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from server.memory import budget, journal, persist
-from server.memory.store import Config, Memory
+from hpi.memory import budget, journal, persist
+from hpi.memory.store import Config, Memory
 
 log = logging.getLogger(__name__)
 

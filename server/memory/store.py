@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from server.memory import clifford, so4
-from server.memory.episodic import Episodic, hash_rows
+from hpi.memory import clifford, so4
+from hpi.memory.episodic import Episodic, hash_rows
 
 PATHS = ("episodic", "prototype", "holographic", "prior")
 EPISODIC, PROTOTYPE, HOLOGRAPHIC, PRIOR = range(4)

@@ -1,0 +1,1 @@
+"""The WGSL kernels, shipped in the distribution as package data (hpi.shaders)."""
