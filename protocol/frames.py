@@ -63,7 +63,10 @@ def _sampling_temperature(t: float) -> float:
 
 
 # The sampling temperature of every API that takes one (sync hello, chat completions, forks).
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_sampling_temperature)]
+# The JSON Schemas (OpenAPI, protocol/frames.schema.json) state _sampling_temperature's rule too.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False,
+                                     json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}),
+                        AfterValidator(_sampling_temperature)]
 
 
 class Hello(_PageFrame):

@@ -1,0 +1,145 @@
+"""Contracts shared across languages, each from one source: the sync frames' JSON Schema
+(protocol/frames.schema.json, generated from protocol/frames.py) and the WGSL kernels with
+their shared prelude (shaders/common.wgsl).
+
+The frames both sides put on the wire validate against the schema: the anchor's (through the
+app, no browser) and the page's (client_web/sync.js + reconcile.js in headless Chromium),
+and the schema refuses what frames.py refuses wherever JSON can tell the difference.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import msgpack
+import pytest
+
+from hpi import completions
+from hpi.protocol import frames, schema
+from tests.syncing import send
+from tests.test_frames import CASES, DRAFT, HELLO
+from tests.test_web_page import PROMPT, Page
+from tests.test_web_sync import anchor, context  # noqa: F401  (fixtures)
+
+DOCUMENT = json.loads(schema.PATH.read_text(encoding="utf-8"))
+
+
+def validator(direction: str) -> jsonschema.Draft202012Validator:
+    """Frames of one direction: 'PageFrame' or 'AnchorFrame'."""
+    return jsonschema.Draft202012Validator({"$ref": f"#/$defs/{direction}", "$defs": DOCUMENT["$defs"]})
+
+
+def refusal(direction: str, frame: dict) -> str | None:
+    error = jsonschema.exceptions.best_match(validator(direction).iter_errors(frame))
+    return None if error is None else f"{error.json_path}: {error.message}"
+
+
+def test_the_committed_schema_is_the_generated_one():
+    assert schema.PATH.read_text(encoding="utf-8") == schema.render(), \
+        "protocol/frames.schema.json is stale: run python -m hpi.protocol.schema"
+
+
+def test_the_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(DOCUMENT)
+    assert set(DOCUMENT["$defs"]) == {"PageFrame", "AnchorFrame", "Hello", "Draft", "Ready", "Verdict", "Error"}
+
+
+# JSON has one number and one string type where msgpack has two of each, and no NaN: what
+# frames.py refuses for an integer sent as a float (1.0), a str field sent as bin or a NaN,
+# the schema cannot see.
+MSGPACK_ONLY = {"v_float", "position_float", "seed_float", "token_float", "session_token_bin", "temperature_nan"}
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - MSGPACK_ONLY))
+def test_the_schema_refuses_what_frames_py_refuses(case):
+    frame, _ = CASES[case]
+    assert refusal("PageFrame", schema.as_json(frame)) is not None
+
+
+@pytest.mark.parametrize("frame", [
+    HELLO, DRAFT, {**HELLO, "temperature": 0}, {**HELLO, "temperature": 2}, {**HELLO, "temperature": 1e-3},
+    {k: v for k, v in HELLO.items() if k not in ("temperature", "seed")},
+    {**DRAFT, "tokens": [2**31 - 1] * frames.MAX_DRAFT},
+], ids=["hello", "draft", "greedy", "hottest", "coolest", "defaults", "longest"])
+def test_the_schema_accepts_what_frames_py_accepts(frame):
+    frames.decode(msgpack.packb(frame, use_bin_type=True))
+    assert refusal("PageFrame", schema.as_json(frame)) is None
+
+
+def test_every_frame_the_anchor_sends_is_in_the_schema(client, tiny):
+    messages = [{"role": "user", "content": "Tell me about the reconciliation channel."}]
+    s = client.post("/v1/sessions", json={"messages": messages}).json()
+    prompt = tiny.chat_ids(messages)
+    truth = list(completions.decode(tiny, prompt, 8))
+    wrong = (truth[2] + 1) % tiny.config.vocab_size
+    url = f"/v1/sessions/{s['session_id']}/sync"
+    start = dict(type="hello", token=s["token"], position=len(prompt), chain=frames.GENESIS)
+    sent = []
+    with client.websocket_connect(url) as ws:
+        sent.append(send(ws, **start))
+        sent.append(send(ws, type="draft", position=len(prompt), chain=frames.GENESIS, tokens=truth[:2] + [wrong]))
+        v = sent[-1]
+        sent.append(send(ws, type="draft", position=v["position"], chain=v["chain"], tokens=truth[3:5]))
+        sent.append(send(ws, **{**start, "chain": b"\x07" * 32}))  # a chain it does not know: refresh
+        sent.append(send(ws, type="draft", position=0, chain=frames.GENESIS, tokens=[]))  # bad_frame
+    with client.websocket_connect(url) as ws:
+        sent.append(send(ws, **{**start, "token": "wrong"}))  # forbidden
+    kinds = [(f["type"], f.get("refresh"), f.get("code")) for f in sent]
+    assert kinds == [("ready", False, None), ("correction", None, None), ("ack", None, None),
+                     ("ready", True, None), ("error", None, "bad_frame"), ("error", None, "forbidden")]
+    for frame in sent:
+        assert refusal("AnchorFrame", schema.as_json(frame)) is None, frame
+
+
+# ---- the page, in headless Chromium -------------------------------------------------------
+
+# The page's own msgpack decoder reads every recorded frame; bin comes back as a Uint8Array,
+# which the schema's convention writes as hex.
+DECODE = """async (payloads) => {
+  const { decode } = await import('/client/msgpack.js');
+  const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  const json = (v) => v instanceof Uint8Array ? hex(v)
+    : Array.isArray(v) ? v.map(json)
+    : v && typeof v === 'object' ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, json(x)]))
+    : v;
+  return payloads.map((p) => json(decode(new Uint8Array(p))));
+}"""
+
+# The page's SyncChannel with a token the anchor refuses: it reads the `error` frame.
+FORBIDDEN = """async () => {
+  const { SyncChannel } = await import('/client/sync.js');
+  const s = window.hpi.conv.session;
+  try { await SyncChannel.open(s.id, 'wrong', { position: 0 }); } catch (e) { return e.code; }
+  return null;
+}"""
+
+
+@pytest.mark.browser
+def test_every_frame_the_page_sends_and_receives_is_in_the_schema(context, anchor):  # noqa: F811
+    p = Page(context, anchor.url, "?sync=4&drift=1")
+    wire: list[tuple[str, bytes]] = []
+
+    def record(ws):
+        ws.on("framesent", lambda payload: wire.append(("PageFrame", payload)))
+        ws.on("framereceived", lambda payload: wire.append(("AnchorFrame", payload)))
+
+    p.page.on("websocket", record)
+    p.open()
+    p.page.fill("#temperature", "0.8")
+    p.ask(PROMPT, 12)
+    p.page.evaluate("() => { window.hpi.conv.sync.chain = new Uint8Array(32).fill(7); }")
+    p.more(4)  # a chain the anchor does not know: a ready frame with refresh
+    assert p.page.evaluate(FORBIDDEN) == "forbidden"
+    assert not p.errors, p.errors
+
+    assert all(isinstance(payload, bytes) for _, payload in wire), "frames are binary"
+    decoded = p.page.evaluate(DECODE, [list(payload) for _, payload in wire])
+    seen = set()
+    for (direction, payload), frame in zip(wire, decoded):
+        assert frame == schema.as_json(msgpack.unpackb(payload, raw=False)), "msgpack.js and msgpack disagree"
+        assert refusal(direction, frame) is None, (direction, frame)
+        seen.add((direction, frame["type"], frame.get("refresh")))
+    assert seen >= {("PageFrame", "hello", None), ("PageFrame", "draft", None), ("AnchorFrame", "ready", False),
+                    ("AnchorFrame", "ready", True), ("AnchorFrame", "ack", None),
+                    ("AnchorFrame", "correction", None), ("AnchorFrame", "error", None)}, seen
