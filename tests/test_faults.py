@@ -43,6 +43,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from hpi.protocol import frames
 from hpi import completions
+from tests.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 K = 6  # drafted tokens per pass
@@ -56,13 +57,13 @@ PROMPTS = ["What survives a crash?", "Tell me about disks.", "Why do sockets res
 
 # ---- the anchor as a process ---------------------------------------------------------------
 
-# Each anchor is `hpi serve` (server.cli.main) in a process of its own, forked from a process that
+# Each anchor is `hpi serve` (hpi.cli.main) in a process of its own, forked from a process that
 # imported the server once: a start then takes about a second rather than the eight that importing
 # torch and transformers takes on two cores, and the file starts seven anchors. SIGKILL kills that
 # process alone. The children's logs go to files; the forking process leaves them to the kernel to reap.
 FORKER = r"""
 import json, os, signal, sys
-import hpi.app, server.cli
+import hpi.app, hpi.cli
 for name in ("transformers.models.llama.modeling_llama", "transformers.models.llama.configuration_llama",
              "transformers.tokenization_utils_fast", "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on",
              "uvicorn.loops.auto", "uvicorn.protocols.websockets.websockets_sansio_impl"):
@@ -85,7 +86,7 @@ for line in sys.stdin:
         os.environ.update(req["env"])
         code = 1
         try:
-            code = server.cli.main(req["args"])
+            code = hpi.cli.main(req["args"])
         finally:
             os._exit(code or 0)
     print(pid, flush=True)
@@ -145,12 +146,6 @@ class Spawned:
     def signal(self, sig: int) -> None:
         if self.alive():
             self.popen.send_signal(sig)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class AnchorProcess:
