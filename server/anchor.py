@@ -19,6 +19,7 @@ import torch
 from hpi.protocol.holo import HoloError, content_hash, load_hologram
 from hpi import hologram, pack, spectral
 from hpi.engine import PREFILL_CHUNK, Seq
+from hpi.llama import head_dim
 from hpi.metrics import METRICS
 from hpi.models import LoadedModel, check_same_tokenizer
 from hpi.spectral import PRESETS, CodecParams
@@ -96,8 +97,7 @@ class Anchor:
         total = 0
         for m in {id(self.lm): self.lm, id(self.res_lm): self.res_lm}.values():
             c = m.config
-            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-            total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * m.model.dtype.itemsize
+            total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * m.model.dtype.itemsize
         return total
 
     @torch.no_grad()

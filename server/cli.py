@@ -97,6 +97,7 @@ def cmd_holo_inspect(args: argparse.Namespace) -> None:
 
 def cmd_holo_build(args: argparse.Namespace) -> None:
     from hpi.anchor import Anchor, Caches
+    from hpi.llama import head_dim
 
     settings = settings_from(args, "model", "codec")
     check_codec(settings.codec)
@@ -109,9 +110,8 @@ def cmd_holo_build(args: argparse.Namespace) -> None:
     data = anchor.hologram_bytes(caches, 0)
     Path(args.out).write_bytes(data)
     c = lm.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     positions = len(caches.ids) - 1  # the last token is left for the resonator's first step
-    fp16 = positions * 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+    fp16 = positions * 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * 2
     print(f"wrote {args.out}: {len(data)} bytes, {len(caches.ids)} tokens ({positions} KV positions); "
           f"fp16 KV {fp16} bytes, ratio {fp16 / len(data):.2f}x")
 

@@ -19,6 +19,11 @@ from hpi.rope import rope_tables, rotate
 KV = tuple[torch.Tensor, torch.Tensor]  # keys (post-RoPE), values: [G, T, Dh] each
 
 
+def head_dim(config) -> int:
+    """Dh of a transformers Llama config: configs written before `head_dim` existed imply it."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [Dm]
@@ -54,8 +59,7 @@ def weights_from_hf(model) -> LlamaWeights:
                            f(l.self_attn.o_proj.weight), f(l.post_attention_layernorm.weight),
                            f(l.mlp.gate_proj.weight), f(l.mlp.up_proj.weight), f(l.mlp.down_proj.weight))
               for l in model.model.layers]
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return LlamaWeights(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
+    return LlamaWeights(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg), cfg.rms_norm_eps,
                         f(model.model.rotary_emb.inv_freq), f(model.model.embed_tokens.weight), layers,
                         f(model.model.norm.weight), f(model.lm_head.weight))
 

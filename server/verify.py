@@ -31,7 +31,7 @@ from hpi.sampling import choose
 
 
 @dataclass
-class Verdict:
+class Verification:
     accepted: int  # drafts accepted, a prefix
     token: int  # the anchor's own next token after them, confirmed as well
     corrected: bool  # `token` replaces a mismatching draft (else it follows all of them)
@@ -39,7 +39,7 @@ class Verdict:
 
 @torch.no_grad()
 def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: float = 0.0,
-           seed: int = 0) -> Verdict:
+           seed: int = 0) -> Verification:
     """Check `drafts` (the tokens after the confirmed ones) and confirm what the anchor chooses."""
     if caches.anchor is None or (caches.pending is None and caches.next_logits is None):
         raise ValueError("the session has no prefilled state to verify against")
@@ -65,7 +65,7 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     METRICS.observe("hpi_accepted_per_pass", accepted)
     for i in range(accepted):
         METRICS.observe("hpi_draft_position_accepted", i)
-    return Verdict(accepted, token, corrected)
+    return Verification(accepted, token, corrected)
 
 
 def accept(heads: list[torch.Tensor], drafts: list[int], base: int, eos: set[int], temperature: float,
