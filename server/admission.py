@@ -12,15 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
-class Busy(Exception):
-    """The server's line of work is full (503 `server_busy`), or the client's rate is (429
-    `rate_limited`); the HTTP layer answers with `Retry-After`, the sync channel with an error frame."""
-
-    def __init__(self, message: str, retry_after: int = 2, code: str = "server_busy"):
-        super().__init__(message)
-        self.retry_after, self.code = retry_after, code
-        self.status = 429 if code == "rate_limited" else 503
+from hpi.errors import ServerBusy
 
 
 class Slots:
@@ -32,11 +24,11 @@ class Slots:
         self._lock = threading.Lock()
 
     def admit(self) -> Place:
-        """A place (running or waiting), or Busy. Give it back with `release` (also done when it is
+        """A place (running or waiting), or ServerBusy. Give it back with `release` (also done when it is
         dropped, so a response that is never iterated cannot keep one)."""
         with self._lock:
             if self._admitted >= self._capacity:
-                raise Busy(f"the anchor is serving its limit of {self._capacity} {self.what}; retry shortly")
+                raise ServerBusy(f"the anchor is serving its limit of {self._capacity} {self.what}; retry shortly")
             self._admitted += 1
         return Place(self)
 

@@ -3,7 +3,7 @@
 It also serves the resonator page: `client_web/` at /client/ and the WGSL kernels of
 `shaders/` at /shaders/, as plain static files (no build step).
 
-Every error is JSON `{"error": {"code", "message"}}`. Session endpoints need the session's
+Every error is JSON `{"error": {"code", "message"}}` (server/errors.py). Session endpoints need the session's
 token as `Authorization: Bearer <token>`; the session is looked up first (404), then the
 token is checked (401 when absent, 403 when wrong).
 """
@@ -14,9 +14,10 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -32,17 +33,20 @@ import torch
 
 from hpi.protocol import frames
 from hpi import completions, kernels
-from hpi.admission import Busy, Slots
+from hpi import errors
+from hpi.admission import Slots
 from hpi.anchor import Anchor
 from hpi.capture_api import capture_router
 from hpi.config import Settings
+from hpi.errors import ApiError, BadFrame, PromptTooLong, RateLimited, SessionNotFound, UnknownModel, quoted
 from hpi.memory.api import memory_router
+from hpi.messages import request_messages
 from hpi.metrics import METRICS
-from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy, error_response
+from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy
 from hpi.models import load_model
-from hpi.owners import OwnerError
 from hpi.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
-from hpi.sessions import Segment, Session, SessionError, SessionStore
+from hpi.session_state import EncodedSegment, Session
+from hpi.sessions import SessionStore
 from hpi.transcripts import CHECKPOINT_NAME
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
@@ -74,7 +78,7 @@ def _holo_response(request: Request, data: bytes, etag: str, cache_control: str,
     return Response(data, media_type=HOLO_MEDIA_TYPE, headers=headers)
 
 
-def _segment_response(request: Request, seg: Segment) -> Response:
+def _segment_response(request: Request, seg: EncodedSegment) -> Response:
     return _holo_response(request, seg.data, seg.etag, "private, no-cache",
                           {"X-HPI-Start": str(seg.start), "X-HPI-End": str(seg.end)})
 
@@ -92,15 +96,18 @@ def _validation_message(exc: RequestValidationError) -> str:
     return ("; ".join(parts) or "invalid request") + more
 
 
+def framework_error(exc: StarletteHTTPException) -> ApiError:
+    """The error of a refusal by the web framework, with its status's standard phrase: its own detail
+    is no message of ours."""
+    kind = {404: errors.NotFound, 405: errors.MethodNotAllowed}.get(exc.status_code, errors.HttpError)
+    error = kind(HTTPStatus(exc.status_code).phrase, headers=dict(exc.headers or {}))
+    error.status = exc.status_code  # the framework's status stands, whatever it refused (400 in practice)
+    return error
+
+
 def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
     """Request bodies, sized by the settings."""
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        role: Literal["system", "user", "assistant"]
-        content: str = Field(max_length=settings.max_message_chars)
-
-    Messages = Annotated[list[Message], Field(min_length=1, max_length=settings.max_messages)]
+    Messages = request_messages(settings)
 
     class CreateSession(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -268,26 +275,16 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     app.include_router(capture_router(settings, owners))
     app.include_router(memory_router(settings, owners))
 
-    @app.exception_handler(SessionError)
-    async def _session_error(request: Request, exc: SessionError):
-        return error_response(exc.status, exc.code, str(exc))
-
-    @app.exception_handler(OwnerError)
-    async def _owner_error(request: Request, exc: OwnerError):
-        return error_response(exc.status, exc.code, str(exc))
+    app.add_exception_handler(ApiError, errors.handle)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", _validation_message(exc))
+        return errors.InvalidRequest(_validation_message(exc)).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Busy)
-    async def _busy(request: Request, exc: Busy):
-        return error_response(exc.status, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
+        """The framework's own refusals (no route, a method the route lacks, a body it cannot parse)."""
+        return framework_error(exc).response()
 
     def store(request: Request) -> SessionStore:
         return request.app.state.store
@@ -339,7 +336,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     def model_pack(model_key: str, request: Request):
         a: Anchor = request.app.state.anchor
         if model_key != a.model_key:
-            return error_response(404, "unknown_model", f"no model pack {model_key!r}; see /v1/models")
+            raise UnknownModel(f"no model pack {quoted(model_key)}; see /v1/models")
         # The URL names the pack's content hash, so what it serves never changes.
         return _holo_response(request, a.pack_bytes, f'"{a.pack_hash}"', "public, max-age=31536000, immutable")
 
@@ -411,8 +408,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         lm = request.app.state.anchor.lm
         ids = lm.chat_ids([m.model_dump() for m in body.messages])
         if len(ids) > settings.max_prompt_tokens:
-            return error_response(413, "prompt_too_long",
-                                  f"the prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}")
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}")
         limit = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": lm.model_id}
         gone = threading.Event()  # the client went away: stop decoding
@@ -475,7 +471,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         """
         st: SessionStore = ws.app.state.store
         if not await run_in_threadpool(st.exists, session_id):  # refused before accepting: the client sees HTTP 403
-            await ws.close(code=1008, reason="session_not_found")
+            await ws.close(code=1008, reason=SessionNotFound.code)
             return
         await ws.accept()
         session_ok = False
@@ -493,8 +489,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                     raise frames.FrameError("frames are binary msgpack, not text")
                 frame = frames.decode(data)
                 if await limiter.check(None, f"session:{session_id}") is not None:
-                    raise Busy("this session sends frames faster than the anchor allows: say hello again later",
-                               code="rate_limited")
+                    raise RateLimited("this session sends frames faster than the anchor allows: say hello again later")
                 check_room(ws.app)
                 if isinstance(frame, frames.Hello):
                     def hello():
@@ -509,13 +504,11 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                         with st.use(session_id, token) as s:
                             return st.draft(s, frame.position, frame.chain, frame.tokens)
                     reply = await run_in_threadpool(draft)
-            except frames.FrameError as e:
-                reply = frames.Error(v=1, code="bad_frame", message=str(e))
-            except SessionError as e:
-                reply = frames.Error(v=1, code=e.code, message=str(e))
-                close = e.status in (401, 403, 404)
-            except Busy as e:  # the page backs off and says hello again
-                reply = frames.Error(v=1, code=e.code, message=str(e))
+            except frames.FrameError as e:  # its message is the anchor's own, naming the bad field
+                reply = BadFrame(str(e)).frame()
+            except ApiError as e:  # the page backs off and says hello again, or stops if the code is fatal
+                reply = e.frame()
+                close = e.status in (401, 403, 404)  # this session cannot be reached on this channel
             out = frames.encode(reply)
             METRICS.add("hpi_bytes_sent_total", len(out))
             try:

@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from hpi.protocol.holo import Holo, save_hologram
+from hpi.errors import (BadPercentile, BadRange, UnknownActivation, UnknownHeads, UnknownLayers, UnknownStates, listed,
+                        quoted)
+from hpi.llama import head_dim
 from hpi.models import LoadedModel
 from hpi.rope import rotate
 
@@ -114,14 +117,6 @@ HEAD_SUMMARY = {
 }
 
 
-class CaptureError(ValueError):
-    """A capture request that cannot be served; the HTTP layer answers with `status` and `code`."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
 @dataclass(frozen=True)
 class Dims:
     layers: int
@@ -134,8 +129,7 @@ class Dims:
 
     @classmethod
     def of(cls, config) -> Dims:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim,
+        return cls(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim(config),
                    config.hidden_size, config.intermediate_size, config.vocab_size)
 
 
@@ -169,24 +163,22 @@ def select(dims: Dims, n_tokens: int, layers=None, heads=None, states=(), start:
     heads = sorted(set(all_heads if heads is None else heads))
     bad = [x for x in layers if x not in range(dims.layers)]
     if bad or not layers:
-        raise CaptureError(422, "unknown_layers", f"unknown layers {bad or '[]'}: the model has layers "
-                                                  f"{_ranges(all_layers)}")
+        raise UnknownLayers(f"unknown layers {listed(bad)}: the model has layers {_ranges(all_layers)}")
     bad = [x for x in heads if x not in range(dims.heads)]
     if bad or not heads:
-        raise CaptureError(422, "unknown_heads", f"unknown heads {bad or '[]'}: the model has query heads "
-                                                 f"{_ranges(all_heads)} (KV heads are chosen through them)")
+        raise UnknownHeads(f"unknown heads {listed(bad)}: the model has query heads {_ranges(all_heads)} "
+                           "(KV heads are chosen through them)")
     bad = [s for s in states if s not in STATES]
     if bad:
-        raise CaptureError(422, "unknown_states", f"unknown state types {bad}; valid: {', '.join(STATES)}")
+        raise UnknownStates(f"unknown state types {listed(bad)}; valid: {', '.join(STATES)}")
     if activation not in ACTIVATIONS:
-        raise CaptureError(422, "unknown_activation", f"unknown activation {activation!r}; valid: "
-                                                      f"{', '.join(ACTIVATIONS)}")
+        raise UnknownActivation(f"unknown activation {quoted(activation)}; valid: {', '.join(ACTIVATIONS)}")
     end = n_tokens if end is None else end
     if not 0 <= start < end <= n_tokens:
-        raise CaptureError(422, "bad_range", f"token range [{start}, {end}) is not inside the context's "
-                                             f"{n_tokens} tokens (0 <= start < end <= {n_tokens})")
+        raise BadRange(f"token range [{start}, {end}) is not inside the context's "
+                       f"{n_tokens} tokens (0 <= start < end <= {n_tokens})")
     if not 0 <= percentile <= 100:
-        raise CaptureError(422, "bad_percentile", f"percentile {percentile} is not in [0, 100]")
+        raise BadPercentile(f"percentile {percentile} is not in [0, 100]")
     group = dims.heads // dims.kv_heads
     kv_heads = sorted({h // group for h in heads})
     return Selection(n_tokens, tuple(layers), tuple(heads), tuple(kv_heads), tuple(dict.fromkeys(states)),

@@ -23,30 +23,30 @@ everyone else (server/owners.py): an owner token (a store without a bearer token
 one in its answer, `owner_token`, that once), or, for a store of a session's states, that
 session's token. Every store, search, listing and deletion needs that token; another owner's
 collection is answered exactly like a missing one.
-Errors are `{"error": {"code", "message"}}` like every other route.
+Errors are server/errors.py's, answered like every other route's.
 """
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
-from hpi.capture import (ACTIVATIONS, STATES, Capture, CaptureError, Dims, capture, estimate_bytes, json_values,
-                            select)
+from hpi.capture import ACTIVATIONS, STATES, Capture, Dims, capture, estimate_bytes, json_values, select
 from hpi.config import Settings
-from hpi.hyperbolic import StateStore, StoreError
+from hpi.errors import (ApiErrorRoute, CaptureBusy, CaptureTooLarge, EmptyContext, PromptTooLong, UnknownLayers,
+                        UnknownStates, quoted)
+from hpi.hyperbolic import StateStore
+from hpi.messages import request_messages
 from hpi.metrics import METRICS
-from hpi.middleware import error_response
 from hpi.models import LoadedModel
-from hpi.owners import PREFIX, OwnerError, Owners, owner_id
+from hpi.owners import PREFIX, Owners, owner_id
 from hpi.sessions import SessionStore
 
 HOLO_MEDIA_TYPE = "application/octet-stream"
@@ -56,38 +56,6 @@ VECTOR_STATES = tuple(n for n, s in STATES.items() if s.axes[0] == "t")
 # busy between a large capture's steps; more would only interleave.
 CAPTURES_AT_ONCE = 2
 ADMIT_WAIT_S = 2.0
-
-
-class _ErrorsAsJSON(APIRoute):
-    """Answers CaptureError, StoreError and OwnerError with their status and `{"error": {...}}`
-    (a router cannot register handlers of its own, and it may serve in an app whose handlers
-    do not know them)."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (CaptureError, StoreError, OwnerError) as e:
-                return error_response(e.status, e.code, str(e), getattr(e, "headers", None),
-                                      **getattr(e, "extra", {}))
-
-        return route
-
-
-class TooLarge(CaptureError):
-    def __init__(self, estimate: int, limit: int):
-        super().__init__(413, "capture_too_large", f"the answer would be about {estimate} bytes; the limit is "
-                                                   f"{limit}: select fewer layers, heads, states or tokens")
-        self.extra = {"estimate_bytes": estimate, "limit_bytes": limit}
-
-
-class Busy(CaptureError):
-    def __init__(self, need: int, held: int, budget: int, retry_s: int):
-        super().__init__(503, "capture_busy", f"captures holding {held} of {budget} estimated bytes are running; "
-                                              f"this one needs {need}: retry in {retry_s} s")
-        self.headers = {"Retry-After": str(retry_s)}
 
 
 class Admission:
@@ -105,7 +73,9 @@ class Admission:
         with self._cond:
             if not self._cond.wait_for(lambda: self.running < self.slots and self.held + need <= self.budget,
                                        self.wait_s):
-                raise Busy(need, self.held, self.budget, max(1, math.ceil(self.wait_s)))
+                retry_s = max(1, math.ceil(self.wait_s))
+                raise CaptureBusy(f"captures holding {self.held} of {self.budget} estimated bytes are running; "
+                                  f"this one needs {need}: retry in {retry_s} s", retry_s)
             self.held += need
             self.running += 1
         try:
@@ -118,23 +88,20 @@ class Admission:
 
 
 def capture_router(settings: Settings, owners: Owners) -> APIRouter:
-    api = APIRouter(route_class=_ErrorsAsJSON, tags=["capture"])
+    api = APIRouter(route_class=ApiErrorRoute, tags=["capture"])
     bearer = HTTPBearer(auto_error=False, description="a session's token (to capture that session, or to reach "
                                                       "collections stored from it) or an owner token")
     Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     admission = Admission(settings.capture_max_bytes, CAPTURES_AT_ONCE, ADMIT_WAIT_S)
     store = StateStore(settings.capture_store_bytes)
 
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        role: Literal["system", "user", "assistant"]
-        content: str = Field(max_length=settings.max_message_chars)
+    Messages = request_messages(settings)
 
     class Context(BaseModel):
         """One of text, messages or session_id; a token range [start, end) of it (end: its length)."""
         model_config = ConfigDict(extra="forbid")
         text: str | None = Field(None, max_length=settings.max_message_chars)
-        messages: list[Message] | None = Field(None, min_length=1, max_length=settings.max_messages)
+        messages: Messages | None = None
         session_id: str | None = Field(None, max_length=128)
         start: int = Field(0, ge=0)
         end: int | None = Field(None, ge=1)
@@ -197,10 +164,10 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
             with sessions.use(body.session_id, creds.credentials if creds else None, wake=False) as s:
                 ids = list(s.caches.ids)
         if not ids:
-            raise CaptureError(422, "empty_context", "the context has no tokens")
+            raise EmptyContext("the context has no tokens")
         if len(ids) > settings.capture_max_tokens:
-            raise CaptureError(413, "prompt_too_long", f"the context is {len(ids)} tokens; a capture runs over at "
-                                                       f"most {settings.capture_max_tokens}")
+            raise PromptTooLong(f"the context is {len(ids)} tokens; a capture runs over at most "
+                                f"{settings.capture_max_tokens}")
         return ids
 
     def run(lm: LoadedModel, ids: list[int], fmt: str, **selection) -> tuple[Capture, int]:
@@ -208,7 +175,9 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
         sel = select(dims, len(ids), **selection)
         need = estimate_bytes(dims, sel, fmt)
         if need > settings.capture_max_bytes:
-            raise TooLarge(need, settings.capture_max_bytes)
+            limit = settings.capture_max_bytes
+            raise CaptureTooLarge(f"the answer would be about {need} bytes; the limit is {limit}: select fewer "
+                                  "layers, heads, states or tokens", estimate_bytes=need, limit_bytes=limit)
         with admission.admit(need):
             cap = capture(lm, ids, sel)
         METRICS.add("hpi_forward_passes_total")
@@ -231,12 +200,12 @@ def capture_router(settings: Settings, owners: Owners) -> APIRouter:
 
     def spec_of(body: StoreBody, lm: LoadedModel) -> dict:
         if body.state not in VECTOR_STATES:
-            raise CaptureError(422, "unknown_states", f"state {body.state!r} has no vector per token; valid: "
-                                                      f"{', '.join(VECTOR_STATES)}")
+            raise UnknownStates(f"state {quoted(body.state)} has no vector per token; valid: "
+                                f"{', '.join(VECTOR_STATES)}")
         block = STATES[body.state].block
         if block and body.layer is None:
-            raise CaptureError(422, "unknown_layers", f"{body.state} is a per-block state: give a layer "
-                                                      f"(0..{lm.config.num_hidden_layers - 1})")
+            raise UnknownLayers(f"{body.state} is a per-block state: give a layer "
+                                f"(0..{lm.config.num_hidden_layers - 1})")
         per_head = any(a in "hg" for a in STATES[body.state].axes)
         heads = sorted(set(body.heads)) if body.heads is not None else list(range(lm.config.num_attention_heads))
         return {"state": body.state, "layer": body.layer if block else None, "heads": heads if per_head else None,

@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpi.errors import (ApiError, BadCollection, BadCurvature, BadMetric, BadScale, BadVectors, ClientQuota,
+                        CollectionMismatch, CollectionTooLarge, Forbidden, OwnerStoreFull, StoreFull, UnknownCollection,
+                        quoted)
+
 METRICS = ("hyperbolic", "euclidean", "cosine")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHUNK = 8192  # stored vectors compared per step: bounds the temporaries of a search
@@ -53,14 +57,6 @@ REFINE = 32  # candidates beyond k re-ranked with exact angles
 LOG2 = math.log(2.0)
 MAX_NORM = 1e150  # largest |v| = s |u - mu| kept or searched for: squares and sums of norms stay finite
 OWNER_SHARE = 4  # one owner holds at most 1/OWNER_SHARE of the store's bytes
-
-
-class StoreError(ValueError):
-    """A store request that cannot be served; the HTTP layer answers with `status` and `code`."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 def _log_sinh(r: np.ndarray) -> np.ndarray:
@@ -131,16 +127,16 @@ class Collection:
     def nbytes(self) -> int:
         return self.directions.nbytes + self.norms.nbytes
 
-    def tangent(self, u: np.ndarray, code: str = "bad_vectors") -> tuple[np.ndarray, np.ndarray]:
+    def tangent(self, u: np.ndarray, error: type[ApiError] = BadVectors) -> tuple[np.ndarray, np.ndarray]:
         """Directions [N, D] (float64) and norms [N] of v = s (u - mu) for state vectors u [N, D];
-        422 `code` when some |v| is beyond MAX_NORM (or overflows)."""
+        `error` (a 422) when some |v| is beyond MAX_NORM (or overflows)."""
         with np.errstate(over="ignore", invalid="ignore"):
             v = (u.astype(np.float64) - self.center) * self.scale
             norms = np.linalg.norm(v, axis=1)
         if not (norms <= MAX_NORM).all():  # also false for nan
-            raise StoreError(422, code, f"at scale {self.scale:g} a vector maps to |v| = s |u - mu| = "
-                                        f"{np.max(norms):g}; the store takes |v| up to {MAX_NORM:g}, so that "
-                                        "every distance is a finite number")
+            raise error(f"at scale {self.scale:g} a vector maps to |v| = s |u - mu| = "
+                        f"{np.max(norms):g}; the store takes |v| up to {MAX_NORM:g}, so that "
+                        "every distance is a finite number")
         return _unit_rows(v), norms
 
     def radii(self) -> np.ndarray:
@@ -214,28 +210,28 @@ class StateStore:
         `curvature` (default -1), `scale` (default: 1 / median |u - mu|) and `center` (default
         False); later batches must match its spec, dimension and any of those given."""
         if not NAME.fullmatch(name):
-            raise StoreError(422, "bad_collection", f"collection names are 1-64 of A-Z a-z 0-9 _ . -, not {name!r}")
+            raise BadCollection(f"collection names are 1-64 of A-Z a-z 0-9 _ . -, not {quoted(name)}")
         if u.ndim != 2 or len(u) == 0 or len(u) != len(entries):
-            raise StoreError(422, "bad_vectors", f"expected a non-empty [N, D] batch with N entries, got {u.shape}")
+            raise BadVectors(f"expected a non-empty [N, D] batch with N entries, got {u.shape}")
         if not np.isfinite(u).all():
-            raise StoreError(422, "bad_vectors", "state vectors must be finite")
+            raise BadVectors("state vectors must be finite")
         if curvature is not None and not (curvature < 0 and math.isfinite(curvature)):
-            raise StoreError(422, "bad_curvature", f"the curvature must be negative and finite, not {curvature}")
+            raise BadCurvature(f"the curvature must be negative and finite, not {curvature}")
         with self._lock:
             col = self._collections.get((owner, name))
             new = col is None
             if new:
                 if not create:
-                    raise StoreError(403, "forbidden", f"no collection {name!r} of this token's, and this token "
-                                                       "cannot create one: a new collection needs an owner token, "
-                                                       "or its session's token with the session as context")
+                    raise Forbidden(f"no collection {name!r} of this token's, and this token "
+                                    "cannot create one: a new collection needs an owner token, "
+                                    "or its session's token with the session as context")
                 col = self._create(name, u, spec, -1.0 if curvature is None else curvature, scale, bool(center))
                 col.client = client
             else:
                 self._check_matches(col, u, spec, curvature, scale, center)
             added = u.shape[0] * (u.shape[1] + 1) * 8  # a direction and a norm, float64
             self._check_room(owner, col, added)
-            directions, norms = col.tangent(u, "bad_scale" if new and scale is not None else "bad_vectors")
+            directions, norms = col.tangent(u, BadScale if new and scale is not None else BadVectors)
             ids = list(range(len(col.entries), len(col.entries) + len(u)))
             col.directions = np.concatenate([col.directions, directions])
             col.norms = np.concatenate([col.norms, norms])
@@ -247,28 +243,28 @@ class StateStore:
         """Refuse a batch of `added` bytes over the owner's share (413) or the store's room (503)."""
         share = self.owner_max_bytes
         if col.nbytes + added > share:
-            raise StoreError(413, "collection_too_large", f"collection {col.name!r} would hold {col.nbytes + added} "
-                                                          f"bytes; one owner holds at most {share} "
-                                                          f"(1/{OWNER_SHARE} of the store)")
+            raise CollectionTooLarge(f"collection {col.name!r} would hold {col.nbytes + added} "
+                                     f"bytes; one owner holds at most {share} "
+                                     f"(1/{OWNER_SHARE} of the store)")
         held = self.owner_nbytes(owner)
         if held + added > share:
-            raise StoreError(413, "store_full", f"adding these vectors needs {added} bytes; this owner's "
-                                                f"collections hold {held} of the {share} one owner may hold; "
-                                                "delete collections first")
+            raise OwnerStoreFull(f"adding these vectors needs {added} bytes; this owner's "
+                                 f"collections hold {held} of the {share} one owner may hold; "
+                                 "delete collections first")
         by_client = sum(c.nbytes for c in self._collections.values() if c.client == col.client)
         if col.client and by_client + added > share:  # in-process callers name no client
-            raise StoreError(429, "client_quota", f"adding these vectors needs {added} bytes; collections created "
-                                                  f"from this client's address hold {by_client} of the {share} one "
-                                                  "client may hold, whatever its owner tokens; delete some first")
+            raise ClientQuota(f"adding these vectors needs {added} bytes; collections created "
+                              f"from this client's address hold {by_client} of the {share} one "
+                              "client may hold, whatever its owner tokens; delete some first")
         if self.nbytes + added > self.max_bytes:
-            raise StoreError(503, "store_full", f"adding these vectors needs {added} bytes, more than is left of "
-                                                f"the store's {self.max_bytes}; try again later")
+            raise StoreFull(f"adding these vectors needs {added} bytes, more than is left of "
+                            f"the store's {self.max_bytes}; try again later")
 
     @staticmethod
     def _create(name: str, u: np.ndarray, spec: dict, curvature: float, scale: float | None,
                 center: bool) -> Collection:
         if center and len(u) < 2:
-            raise StoreError(422, "bad_vectors", "centring takes the mean of the first batch: give at least 2 vectors")
+            raise BadVectors("centring takes the mean of the first batch: give at least 2 vectors")
         with np.errstate(over="ignore", invalid="ignore"):
             mu = u.mean(0) if center else np.zeros(u.shape[1])
         if scale is None:
@@ -276,33 +272,33 @@ class StateStore:
                 median = float(np.median(np.linalg.norm(u.astype(np.float64) - mu, axis=1)))
             scale = 1.0 / median if median > 0 else 1.0
             if not (0 < scale < math.inf):
-                raise StoreError(422, "bad_vectors", f"the first batch's median |u - mu| is {median:g}, which gives no "
-                                                     "usable default scale: give a scale")
+                raise BadVectors(f"the first batch's median |u - mu| is {median:g}, which gives no "
+                                 "usable default scale: give a scale")
         elif not (scale > 0 and math.isfinite(scale)):
-            raise StoreError(422, "bad_scale", f"the scale must be positive and finite, not {scale}")
+            raise BadScale(f"the scale must be positive and finite, not {scale}")
         return Collection(name, curvature, scale, center, mu.astype(np.float64), dict(spec),
                           np.zeros((0, u.shape[1])), np.zeros(0))
 
     @staticmethod
     def _check_matches(col: Collection, u: np.ndarray, spec: dict, curvature, scale, center) -> None:
         if u.shape[1] != col.dim:
-            raise StoreError(409, "collection_mismatch", f"collection {col.name!r} holds {col.dim}-d vectors, "
-                                                         f"not {u.shape[1]}-d")
+            raise CollectionMismatch(f"collection {col.name!r} holds {col.dim}-d vectors, "
+                                     f"not {u.shape[1]}-d")
         if spec != col.spec:
-            raise StoreError(409, "collection_mismatch", f"collection {col.name!r} holds {col.spec}, not {spec}")
+            raise CollectionMismatch(f"collection {col.name!r} holds {col.spec}, not {spec}")
         given = {"curvature": (curvature, col.curvature), "scale": (scale, col.scale),
                  "center": (center, col.centered)}
         for what, (new, old) in given.items():
             if new is not None and new != old:
-                raise StoreError(409, "collection_mismatch", f"collection {col.name!r} has {what} {old}, not {new}; "
-                                                             "it is fixed when the collection is created")
+                raise CollectionMismatch(f"collection {col.name!r} has {what} {old}, not {new}; "
+                                         "it is fixed when the collection is created")
 
     def _get(self, owner: str, name: str) -> Collection:
         col = self._collections.get((owner, name))
         if col is None:
             # Another owner's collection of that name is as missing as one that does not exist.
             own = [n for o, n in self._collections if o == owner]
-            raise StoreError(404, "unknown_collection", f"no collection {name!r}; yours: {', '.join(own) or 'none'}")
+            raise UnknownCollection(f"no collection {quoted(name)}; yours: {', '.join(own) or 'none'}")
         return col
 
     def get(self, name: str, *, owner: str = "") -> Collection:
@@ -312,12 +308,12 @@ class StateStore:
     def search(self, name: str, u: np.ndarray, k: int, metric: str = "hyperbolic", *,
                owner: str = "") -> tuple[Collection, np.ndarray, np.ndarray]:
         if metric not in METRICS:
-            raise StoreError(422, "bad_metric", f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+            raise BadMetric(f"unknown metric {quoted(metric)}; valid: {', '.join(METRICS)}")
         with self._lock:
             col = self._get(owner, name)
             if u.ndim != 2 or u.shape[1] != col.dim or not np.isfinite(u).all():
-                raise StoreError(422, "bad_vectors", f"collection {name!r} holds {col.dim}-d vectors; the query is "
-                                                     f"{u.shape[-1] if u.ndim else 0}-d or not finite")
+                raise BadVectors(f"collection {name!r} holds {col.dim}-d vectors; the query is "
+                                 f"{u.shape[-1] if u.ndim else 0}-d or not finite")
             idx, dist = col.search(u, k, metric)
             return col, idx, dist
 

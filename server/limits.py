@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from hpi.protocol import frames
-from hpi import capture_api, hyperbolic, serving, sessions
+from hpi import capture_api, checkpoints, hyperbolic, serving
 from hpi.config import Settings
 from hpi.memory import budget
 
@@ -79,7 +79,7 @@ LIMITS = [
     Limit("max_kv_bytes", "KV cache bytes of all sessions", 503, "kv_memory_full", "bytes"),
     Limit("max_session_tokens", "tokens one session holds: prompt, turns, verified drafts, forced tokens", 413,
           "session_full", "tokens", "a draft over it gets an `error` frame `session_full`"),
-    fixed(sessions, "MAX_CHECKPOINTS", "checkpoints of one session", 409, "too_many_checkpoints"),
+    fixed(checkpoints, "MAX_CHECKPOINTS", "checkpoints of one session", 409, "too_many_checkpoints"),
     Limit("session_idle_s", "idle time after which a session's caches are dropped", None, None, "s",
           "its transcript stays; the next use rebuilds them exactly"),
     Limit("session_ttl_s", "unused time after which a session is deleted with its transcript", 404,

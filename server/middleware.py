@@ -12,7 +12,7 @@ and what an unexpected failure looks like.
   carries no exception text, and the keep-alive connection stays usable (an exception that
   escaped to the server would make it drop the connection).
 
-Every refusal is JSON `{"error": {"code", "message"}}`, like every other error of the API.
+Every refusal is an ApiError (server/errors.py), answered like every other error of the API.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import ipaddress
 import logging
 from urllib.parse import urlsplit
 
-from fastapi.responses import JSONResponse
+from hpi.errors import (ApiError, ApiKeyRequired, BadApiKey, BadRequest, BodyTooLarge, InternalError, NotFound,
+                        OriginNotAllowed, UntrustedHost)
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +32,16 @@ DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 METRICS_PATH = "/metrics"
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    """The API's one error shape; a 401 also says how to authenticate (a bearer token unless
-    `headers` names another scheme)."""
-    if status == 401:
-        headers = {"WWW-Authenticate": 'Bearer realm="hpi"', **(headers or {})}
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
-
-
 def _headers(scope) -> dict[bytes, bytes]:
     return dict(scope["headers"])
 
 
-async def _refuse(scope, receive, send, status: int, code: str, message: str, headers: dict | None = None) -> None:
+async def refuse(scope, receive, send, error: ApiError) -> None:
     """An HTTP error, or for a websocket a close before accepting (the client sees HTTP 403)."""
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": code})
+        await send({"type": "websocket.close", "code": 1008, "reason": error.code})
         return
-    await error_response(status, code, message, headers)(scope, receive, send)
+    await error.response()(scope, receive, send)
 
 
 def host_name(host: str) -> str:
@@ -84,14 +77,14 @@ class OriginPolicy:
         headers = _headers(scope)
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.any_host and host_name(host) not in self.hosts:
-            return await _refuse(scope, receive, send, 421, "untrusted_host",
-                                 "this anchor does not answer for that host name (see HPI_ALLOWED_HOSTS)")
+            return await refuse(scope, receive, send, UntrustedHost(
+                "this anchor does not answer for that host name (see HPI_ALLOWED_HOSTS)"))
         origin = headers.get(b"origin")
         if origin is not None and not self._origin_ok(origin.decode("latin-1"), host):
-            return await _refuse(scope, receive, send, 403, "origin_not_allowed",
-                                 "requests from that origin are not allowed (see HPI_ALLOWED_ORIGINS)")
+            return await refuse(scope, receive, send, OriginNotAllowed(
+                "requests from that origin are not allowed (see HPI_ALLOWED_ORIGINS)"))
         if scope["path"] in self.private and not is_loopback(scope.get("client")):
-            return await _refuse(scope, receive, send, 404, "not_found", "Not Found")
+            return await refuse(scope, receive, send, NotFound("Not Found"))
         return await self.app(scope, receive, send)
 
     def _origin_ok(self, origin: str, host: str) -> bool:
@@ -139,12 +132,12 @@ class ApiKeys:
             send = self._accepting(send, offered)
             key = key or carried[0].removeprefix(API_KEY_PROTOCOL).encode()
         if key is None:
-            return await _refuse(scope, receive, send, 401, "api_key_required",
-                                 "this anchor needs an API key: send `X-API-Key: <key>` (a websocket may offer "
-                                 f"the subprotocol `{API_KEY_PROTOCOL}<key>` instead)", API_KEY_CHALLENGE)
+            return await refuse(scope, receive, send, ApiKeyRequired(
+                "this anchor needs an API key: send `X-API-Key: <key>` (a websocket may offer "
+                f"the subprotocol `{API_KEY_PROTOCOL}<key>` instead)", headers=API_KEY_CHALLENGE))
         if not self._known(key):
-            return await _refuse(scope, receive, send, 401, "bad_api_key",
-                                 "the API key is not one of this anchor's keys (HPI_API_KEYS)", API_KEY_CHALLENGE)
+            return await refuse(scope, receive, send, BadApiKey(
+                "the API key is not one of this anchor's keys (HPI_API_KEYS)", headers=API_KEY_CHALLENGE))
         return await self.app(scope, receive, send)
 
     def _open(self, path: str) -> bool:
@@ -181,7 +174,7 @@ class BodyLimit:
         declared = _headers(scope).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await self._reply(scope, receive, send, 400, "bad_request", "invalid Content-Length")
+                return await self._reply(scope, receive, send, BadRequest("invalid Content-Length"))
             if int(declared) > self.limit:
                 return await self._too_large(scope, receive, send)
         chunks, size = [], 0
@@ -208,12 +201,14 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        await self._reply(scope, receive, send, 413, "body_too_large",
-                          f"the request body exceeds the limit of {self.limit} bytes")
+        error = BodyTooLarge(f"the request body exceeds the limit of {self.limit} bytes")
+        await self._reply(scope, receive, send, error)
 
     @staticmethod
-    async def _reply(scope, receive, send, status, code, message):
-        await error_response(status, code, message, {"Connection": "close"})(scope, receive, send)
+    async def _reply(scope, receive, send, error: ApiError):
+        """The body is left unread: the connection cannot carry another request."""
+        error.headers["Connection"] = "close"
+        await error.response()(scope, receive, send)
 
 
 class InternalErrors:
@@ -235,6 +230,5 @@ class InternalErrors:
         except Exception:
             log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
             if not started:
-                await error_response(500, "internal_error",
-                                     "the anchor failed to answer this request; the failure is logged")(
+                await InternalError("the anchor failed to answer this request; the failure is logged").response()(
                     scope, receive, send)

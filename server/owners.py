@@ -21,18 +21,11 @@ import secrets
 from pathlib import Path
 
 from hpi.durable import write_atomic
+from hpi.errors import Forbidden, Unauthorized
 
 PREFIX = "hpo_"
 _NONCE = 24  # bytes: 192 random bits
 _MAC = 16  # bytes of the HMAC kept
-
-
-class OwnerError(Exception):
-    """A bad or missing owner token; the HTTP layer answers with `status` and `code`."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 def owner_id(token: str) -> str:
@@ -78,8 +71,8 @@ class Owners:
     def check(self, token: str | None) -> str:
         """The owner id of a token this anchor issued: 401 without one, 403 for any other."""
         if not token:
-            raise OwnerError(401, "unauthorized",
-                             "this resource needs `Authorization: Bearer <owner token>` (returned at its creation)")
+            raise Unauthorized(
+                "this resource needs `Authorization: Bearer <owner token>` (returned at its creation)")
         raw = token.removeprefix(PREFIX)
         ok = False
         if raw != token and len(raw) == 54:  # base64 of 40 bytes, unpadded
@@ -89,5 +82,5 @@ class Owners:
                 blob = b""
             ok = len(blob) == _NONCE + _MAC and hmac.compare_digest(blob[_NONCE:], self._mac(blob[:_NONCE]))
         if not ok:
-            raise OwnerError(403, "forbidden", "the owner token is not one this anchor issued")
+            raise Forbidden("the owner token is not one this anchor issued")
         return owner_id(token)

@@ -19,7 +19,8 @@ import threading
 import time
 
 from hpi.metrics import METRICS
-from hpi.middleware import error_response
+from hpi.errors import RateLimited
+from hpi.middleware import refuse
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,5 @@ class RateLimit:
         wait = await self.limiter.check(client[0] if client else None, _bearer(dict(scope["headers"])))
         if wait is None:
             return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 1008, "reason": "rate_limited"})
-        await error_response(429, "rate_limited", "this client sends requests faster than the anchor allows; "
-                             "retry after the time Retry-After gives", {"Retry-After": str(max(1, round(wait)))})(
-            scope, receive, send)
+        await refuse(scope, receive, send, RateLimited("this client sends requests faster than the anchor allows; "
+                                                       "retry after the time Retry-After gives", max(1, round(wait))))

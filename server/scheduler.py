@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hpi import kernels
-from hpi.admission import Busy
+from hpi.errors import ServerBusy
 from hpi.engine import Engine, Seq, check_invariance
 from hpi.metrics import METRICS
 
@@ -53,12 +53,12 @@ class Scheduler:
                         "disagree with anchor-only decoding where two tokens tie to the last bit")
 
     def check_room(self) -> None:
-        """Busy if the rows already waiting for a forward reach `max_queued_rows`."""
+        """ServerBusy if the rows already waiting for a forward reach `max_queued_rows`."""
         with self._cv:
             queued = sum(j.rows for j in self._pending)
         if self.max_queued_rows and queued >= self.max_queued_rows:
             METRICS.add("hpi_refused_busy_total")
-            raise Busy(f"the anchor's forwards are {queued} rows behind; retry shortly", retry_after=1)
+            raise ServerBusy(f"the anchor's forwards are {queued} rows behind; retry shortly", retry_after=1)
 
     def run(self, seqs: list[Seq]) -> list[torch.Tensor]:
         """Run the sequences in the next forward; their logits (see Engine.forward)."""

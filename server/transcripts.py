@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hpi.durable import write_atomic
+from hpi.messages import Message
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,9 @@ SESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what secrets.token_urlsafe writes: safe
 CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,63}$"  # printable in any page or log, no path characters
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
 class Checkpoint(BaseModel):
     """A named position of a session's trail and what a backtrack to it restores besides the ids
-    (server/sessions.py): the turns then recorded and where the answer then being written started."""
+    (server/checkpoints.py): the turns then recorded and where the answer then being written started."""
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=CHECKPOINT_NAME)
     position: int = Field(ge=1)  # confirmed tokens: the ids are the session's first `position`

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hpi.protocol.holo import load_hologram
-from hpi.capture import (ACTIVATIONS, BYTES_PER_ELEMENT, HEAD_SUMMARY, STATES, CaptureError, Dims, capture,
+from hpi.errors import ApiError
+from hpi.capture import (ACTIVATIONS, BYTES_PER_ELEMENT, HEAD_SUMMARY, STATES, Dims, capture,
                             elements, estimate_bytes, forward, select)
 
 TEXT = "The anchor keeps the exact KV cache; the page decodes from a hologram of it."
@@ -166,7 +167,7 @@ def test_bad_selections_name_the_valid_choices(tiny):
     d = Dims.of(tiny.config)
 
     def fails(code, **kw):
-        with pytest.raises(CaptureError) as e:
+        with pytest.raises(ApiError) as e:
             select(d, 10, **kw)
         assert e.value.status == 422 and e.value.code == code
         return str(e.value)

@@ -10,7 +10,8 @@ import pytest
 from hpi.protocol.holo import load_hologram
 from hpi import capture_api
 from hpi.capture import STATES, Dims, capture, estimate_bytes, select
-from hpi.capture_api import Admission, Busy
+from hpi.capture_api import Admission
+from hpi.errors import CaptureBusy
 from hpi.config import Settings
 from hpi.hyperbolic import OWNER_SHARE
 from tests.http_errors import assert_error
@@ -189,10 +190,10 @@ def test_admission_bounds_bytes_and_count_and_refuses_after_a_short_wait():
     with admission.admit(90):
         with admission.admit(10):  # fits beside the large one
             t0 = time.monotonic()
-            with pytest.raises(Busy) as e, admission.admit(1):  # two are running
+            with pytest.raises(CaptureBusy) as e, admission.admit(1):  # two are running
                 pass
             assert 0.2 <= time.monotonic() - t0 < 2 and e.value.headers == {"Retry-After": "1"}
-        with pytest.raises(Busy), admission.admit(11):  # over the bytes left
+        with pytest.raises(CaptureBusy), admission.admit(11):  # over the bytes left
             pass
         with admission.admit(10):
             pass

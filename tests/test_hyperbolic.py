@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from hpi.hyperbolic import MAX_NORM, METRICS, OWNER_SHARE, StateStore, StoreError, to_ball
+from hpi.errors import ApiError
+from hpi.hyperbolic import MAX_NORM, METRICS, OWNER_SHARE, StateStore, to_ball
 
 
 def mobius_add(x, y, c):
@@ -91,7 +92,7 @@ def test_only_the_product_of_sqrt_curvature_and_scale_changes_the_ranking():
 
 
 def fails(status, code, fn, *a, **kw):
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(ApiError) as e:
         fn(*a, **kw)
     assert (e.value.status, e.value.code) == (status, code), str(e.value)
     return str(e.value)

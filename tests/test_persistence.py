@@ -116,7 +116,7 @@ def test_bad_transcripts_are_reported_and_skipped(anchor, tmp_path, caplog):
     (tmp_path / "unreadable.json").mkdir()
     with caplog.at_level(logging.WARNING, logger="server"), anchor_app(anchor, tmp_path) as after:
         assert after.get(body["hologram_url"], headers=auth).status_code == 200
-        assert set(after.app.state.store._sessions) == {body["session_id"]}
+        assert {s.id for s in after.app.state.store.limits.held()} == {body["session_id"]}
     warned = "\n".join(r.getMessage() for r in caplog.records)
     for name in ("garbage.json", "renamed.json", "ZZinconsistent.json", "unreadable.json"):
         assert f"{tmp_path / name}" in warned
@@ -159,7 +159,7 @@ def test_a_verdict_that_cannot_be_saved_is_not_sent(anchor, tiny, tmp_path, monk
             def disk_full(transcript):
                 raise OSError(28, "No space left on device")
 
-            monkeypatch.setattr(store.transcripts, "save", disk_full)
+            monkeypatch.setattr(store.durability.transcripts, "save", disk_full)
             e = send(ws, type="draft", position=first["position"], chain=first["chain"], tokens=truth[4:8])
             assert e["type"] == "error" and e["code"] == "storage_error"
             monkeypatch.undo()

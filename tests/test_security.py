@@ -32,6 +32,7 @@ from hpi.protocol import frames
 from hpi import capture_api, completions, limits, serving
 from hpi.app import create_app
 from hpi.config import Settings
+from hpi.errors import CaptureBusy
 from hpi.memory import budget
 from hpi.memory.store import Config
 from hpi.middleware import API_KEY_PROTOCOL
@@ -649,7 +650,7 @@ def probe_captures_at_once(p: Probe):
     held = [line.admit(1) for _ in range(p.limit.value)]
     for h in held:
         h.__enter__()
-    with pytest.raises(capture_api.Busy) as e:
+    with pytest.raises(CaptureBusy) as e:
         line.admit(1).__enter__()
     assert (e.value.status, e.value.code) == (p.limit.status, p.limit.code)
 

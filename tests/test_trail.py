@@ -214,9 +214,9 @@ def test_forks_share_the_prefix_and_cannot_change_it(anchor, tiny, tmp_path):
         assert all(map(torch.equal, keys_up_to(session_of(client, forks[0]), shared), prefix))
 
         # The store charges the shared positions once, also after the parent is gone.
-        assert store.kv_bytes < (len(forks) + 1) * shared * store.kv_bytes_per_token
+        assert store.kv_bytes < (len(forks) + 1) * shared * store.limits.kv_bytes_per_token
         assert client.delete(url(body, ""), headers=auth).status_code == 204
-        assert store.kv_bytes >= shared * store.kv_bytes_per_token
+        assert store.kv_bytes >= shared * store.limits.kv_bytes_per_token
         for f in forks:
             assert client.delete(url(f, ""), headers={"Authorization": f"Bearer {f['token']}"}).status_code == 204
         assert store.kv_bytes == 0 and len(store) == 0

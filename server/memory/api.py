@@ -11,12 +11,12 @@ use the anchor's format `{"error": {"code", "message"}}`: no owner token 401, a 
 anchor did not issue 403, unknown memory 404, empty or too-short input 422, a learn batch
 over `max_learn_tokens` 413, a memory (or a learn) over its byte budget 413, an owner's
 memory count over its limit 429, no room left on the server 503, a corrupted file 409.
-Anything unexpected is a 500 whose message names no exception: its text is only logged.
+Anything unexpected is a 500 whose message names no exception: its text is only logged
+(server/middleware.py `InternalErrors`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal
 
 import numpy as np
@@ -28,12 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hpi.config import Settings
 from hpi.memory import budget
 from hpi.memory.dreaming import dream
-from hpi.memory.registry import MemoryServiceError, Registry
-from hpi.memory.store import PATHS, Config, InvalidInput, Memory
-from hpi.middleware import error_response
-from hpi.owners import OwnerError, Owners, owner_id
-
-log = logging.getLogger(__name__)
+from hpi.errors import ApiErrorRoute, BatchTooLarge, ContextTooShort, EmptyBatch, InvalidRequest
+from hpi.memory.registry import Registry
+from hpi.memory.store import PATHS, Config, Memory
+from hpi.owners import Owners, owner_id
 
 TokenId = Annotated[int, Field(ge=0, lt=1 << 20)]
 bearer = HTTPBearer(auto_error=False, description="the owner token returned by POST /v1/memories")
@@ -95,7 +93,7 @@ class Dream(BaseModel):
 
 def memory_router(settings: Settings, owners: Owners) -> APIRouter:
     registry = Registry(settings.memories_path(), settings.max_memories, settings.client_share)
-    router = APIRouter(prefix="/v1/memories", tags=["memories"])
+    router = APIRouter(prefix="/v1/memories", tags=["memories"], route_class=ApiErrorRoute)
 
     def owner(creds: HTTPAuthorizationCredentials | None) -> str:
         return owners.check(creds.credentials if creds else None)
@@ -106,29 +104,15 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
     def ids_of(request: Request, body: _Input | Query) -> np.ndarray:
         if body.text is not None:
             if len(body.text) > settings.max_learn_tokens * 32:
-                raise MemoryServiceError(413, "batch_too_large", "the text is too long to learn at once")
+                raise BatchTooLarge("the text is too long to learn at once")
             return np.array(tokenizer(request)(body.text, add_special_tokens=False)["input_ids"], np.int64)
         return np.array(body.tokens, np.int64)
-
-    def run(fn):
-        """Answer fn's result, or its error. Only errors written for the client keep their message:
-        anything unexpected is logged and answered without it, so no exception text leaks."""
-        try:
-            return fn()
-        except (OwnerError, MemoryServiceError) as e:
-            return error_response(e.status, e.code, str(e))
-        except InvalidInput as e:  # the memory's own validation (token ids out of range, ...)
-            return error_response(422, "invalid_request", str(e))
-        except Exception:
-            log.exception("memory request failed")
-            return error_response(500, "internal_error", "the memory service failed to answer; the failure is logged")
 
     def contexts(mem: Memory, rows: list[np.ndarray]) -> np.ndarray:
         n = mem.config.context
         for r in rows:
             if len(r) < n:
-                raise MemoryServiceError(422, "context_too_short",
-                                         f"a query needs at least {n} tokens (the memory's context), got {len(r)}")
+                raise ContextTooShort(f"a query needs at least {n} tokens (the memory's context), got {len(r)}")
         return np.stack([r[len(r) - n:] for r in rows])
 
     def decode(request: Request, ids: list[int]) -> str:
@@ -136,80 +120,70 @@ def memory_router(settings: Settings, owners: Owners) -> APIRouter:
 
     @router.get("")
     def list_memories(creds: Credentials):
-        return run(lambda: {"memories": registry.names(owner(creds))})
+        return {"memories": registry.names(owner(creds))}
 
     @router.post("", status_code=201)
     def create(body: CreateMemory, request: Request, creds: Credentials):
-        def go():
-            token = None if creds else owners.issue()
-            who = owner(creds) if creds else owner_id(token)
-            vocab = body.vocab or len(tokenizer(request))
-            config = Config(vocab=vocab, context=body.context, dim=body.dim, satellites=body.satellites or 0,
-                            planned_patterns=body.planned_patterns, seed=body.seed)
-            registry.create(who, body.name, config, request.client.host if request.client else "")
-            out = {"name": body.name, "config": config.as_dict()}
-            if token:
-                out["owner_token"] = token
-            return JSONResponse(out, status_code=201)
-        return run(go)
+        token = None if creds else owners.issue()
+        who = owner(creds) if creds else owner_id(token)
+        vocab = body.vocab or len(tokenizer(request))
+        config = Config(vocab=vocab, context=body.context, dim=body.dim, satellites=body.satellites or 0,
+                        planned_patterns=body.planned_patterns, seed=body.seed)
+        registry.create(who, body.name, config, request.client.host if request.client else "")
+        out = {"name": body.name, "config": config.as_dict()}
+        if token:
+            out["owner_token"] = token
+        return JSONResponse(out, status_code=201)
 
     @router.delete("/{name}", status_code=204, response_class=Response)
     def delete(name: str, creds: Credentials):
-        return run(lambda: registry.delete(owner(creds), name) or Response(status_code=204))
+        registry.delete(owner(creds), name)
+        return Response(status_code=204)
 
     @router.post("/{name}/learn")
     def learn(name: str, body: Learn, request: Request, creds: Credentials):
-        def go():
-            who = owner(creds)
-            ids = ids_of(request, body)
-            if len(ids) > settings.max_learn_tokens:
-                raise MemoryServiceError(413, "batch_too_large",
-                                         f"{len(ids)} tokens; one learn call takes at most {settings.max_learn_tokens}")
-            if not len(ids):
-                raise MemoryServiceError(422, "empty_batch", "nothing to learn")
-            samples, patterns = registry.learn(who, name, ids)
-            return {"samples": samples, "patterns": patterns}
-        return run(go)
+        who = owner(creds)
+        ids = ids_of(request, body)
+        if len(ids) > settings.max_learn_tokens:
+            raise BatchTooLarge(f"{len(ids)} tokens; one learn call takes at most {settings.max_learn_tokens}")
+        if not len(ids):
+            raise EmptyBatch("nothing to learn")
+        samples, patterns = registry.learn(who, name, ids)
+        return {"samples": samples, "patterns": patterns}
 
     @router.post("/{name}/query")
     def query(name: str, body: Query, request: Request, creds: Credentials):
-        def go():
-            who = owner(creds)
-            rows = [np.array(b, np.int64) for b in body.batch] if body.batch is not None else [ids_of(request, body)]
-            with registry.use(who, name) as mem:
-                pred = mem.predict(contexts(mem, rows), k=body.top_k)
-            return {"results": [
-                {"path": PATHS[pred.path[i]],
-                 "targets": [{"token": int(t), "text": decode(request, [int(t)]), "confidence": float(p)}
-                             for t, p in zip(pred.tokens[i], pred.probs[i])]}
-                for i in range(len(rows))]}
-        return run(go)
+        who = owner(creds)
+        rows = [np.array(b, np.int64) for b in body.batch] if body.batch is not None else [ids_of(request, body)]
+        with registry.use(who, name) as mem:
+            pred = mem.predict(contexts(mem, rows), k=body.top_k)
+        return {"results": [
+            {"path": PATHS[pred.path[i]],
+             "targets": [{"token": int(t), "text": decode(request, [int(t)]), "confidence": float(p)}
+                         for t, p in zip(pred.tokens[i], pred.probs[i])]}
+            for i in range(len(rows))]}
 
     @router.post("/{name}/generate")
     def generate(name: str, body: Generate, request: Request, creds: Credentials):
-        def go():
-            who = owner(creds)
-            if body.n_tokens > settings.max_new_tokens:
-                raise MemoryServiceError(422, "invalid_request", f"n_tokens is at most {settings.max_new_tokens}")
-            ids = ids_of(request, body)
-            with registry.use(who, name) as mem:
-                contexts(mem, [ids])
-                out, paths = mem.generate(ids.tolist(), body.n_tokens, body.sample, body.seed)
-            return {"tokens": out, "text": decode(request, out), "paths": paths}
-        return run(go)
+        who = owner(creds)
+        if body.n_tokens > settings.max_new_tokens:
+            raise InvalidRequest(f"n_tokens is at most {settings.max_new_tokens}")
+        ids = ids_of(request, body)
+        with registry.use(who, name) as mem:
+            contexts(mem, [ids])
+            out, paths = mem.generate(ids.tolist(), body.n_tokens, body.sample, body.seed)
+        return {"tokens": out, "text": decode(request, out), "paths": paths}
 
     @router.post("/{name}/dream")
     def dream_(name: str, creds: Credentials, body: Dream | None = None):
         forget = body.forget if body else 0.0
-        return run(lambda: registry.change(owner(creds), name, lambda mem: dream(mem, forget).as_dict()))
+        return registry.change(owner(creds), name, lambda mem: dream(mem, forget).as_dict())
 
     @router.get("/{name}/stats")
     def stats(name: str, creds: Credentials):
-        def go():
-            with registry.use(owner(creds), name) as mem:
-                out = {"name": name, "config": mem.config.as_dict(), **mem.stats()}
-                out["bytes"] = budget.nbytes(mem.config, mem.episodic.bound())  # what the budgets count
-                return {**out, "max_bytes": registry.max_bytes}
-        return run(go)
+        with registry.use(owner(creds), name) as mem:
+            out = {"name": name, "config": mem.config.as_dict(), **mem.stats()}
+            out["bytes"] = budget.nbytes(mem.config, mem.episodic.bound())  # what the budgets count
+            return {**out, "max_bytes": registry.max_bytes}
 
     return router

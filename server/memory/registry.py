@@ -37,6 +37,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from hpi.errors import (ClientQuota, InvalidName, MemoriesFull, MemoryCorrupted, MemoryExists, MemoryTooLarge,
+                        OwnerMemoryLimit, TooManyMemories, TooShort, UnknownMemory, quoted)
 from hpi.memory import budget, journal, persist
 from hpi.memory.store import Config, Memory
 
@@ -49,12 +51,6 @@ T = TypeVar("T")
 Key = tuple[str, str]  # (owner id, name)
 
 
-class MemoryServiceError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
 @dataclass
 class _Open:
     """A loaded memory and where its files stand."""
@@ -64,8 +60,8 @@ class _Open:
     journal_end: int  # acknowledged length of the journal
 
 
-def _unknown(name: str) -> MemoryServiceError:
-    return MemoryServiceError(404, "unknown_memory", f"no memory {name!r}")
+def _unknown(name: str) -> UnknownMemory:
+    return UnknownMemory(f"no memory {quoted(name)}")
 
 
 class Registry:
@@ -127,29 +123,29 @@ class Registry:
 
     def create(self, owner: str, name: str, config: Config, client: str = "") -> Memory:
         if not NAME.match(name):
-            raise MemoryServiceError(422, "invalid_name", "a memory name is 1 to 64 of A-Z a-z 0-9 _ -")
+            raise InvalidName("a memory name is 1 to 64 of A-Z a-z 0-9 _ -")
         need = budget.nbytes(config, 0)
         if need > self.max_bytes:
-            raise MemoryServiceError(413, "memory_too_large",
-                                     f"this memory would take {budget.mib(need)}; one memory may take "
-                                     f"{budget.mib(self.max_bytes)} (fewer satellites, a smaller dim or vocab)")
+            raise MemoryTooLarge(
+                f"this memory would take {budget.mib(need)}; one memory may take "
+                f"{budget.mib(self.max_bytes)} (fewer satellites, a smaller dim or vocab)")
         key = (owner, name)
         with self._lock(key):
             with self._guard:
                 if key in self._charges:
-                    raise MemoryServiceError(409, "memory_exists", f"memory {name!r} already exists")
+                    raise MemoryExists(f"memory {name!r} already exists")
                 if sum(o == owner for o, _ in self._charges) >= self.per_owner:
-                    raise MemoryServiceError(429, "owner_memory_limit",
-                                             f"one owner may hold {self.per_owner} memories; delete one first")
+                    raise OwnerMemoryLimit(
+                        f"one owner may hold {self.per_owner} memories; delete one first")
                 if client and sum(c == client for c in self._clients.values()) >= self._client_count():
-                    raise MemoryServiceError(429, "client_quota", f"one client may hold {self._client_count()} "
-                                             "memories, whatever its owner tokens; delete one first")
+                    raise ClientQuota(f"one client may hold {self._client_count()} "
+                                      "memories, whatever its owner tokens; delete one first")
                 if len(self._charges) >= self.max_memories:
-                    raise MemoryServiceError(503, "too_many_memories",
-                                             f"the server holds its limit of {self.max_memories} memories")
+                    raise TooManyMemories(
+                        f"the server holds its limit of {self.max_memories} memories")
                 if self._total() + need > self.total_bytes:
-                    raise MemoryServiceError(503, "memories_full",
-                                             f"the server's memories have no room for {budget.mib(need)} more")
+                    raise MemoriesFull(
+                        f"the server's memories have no room for {budget.mib(need)} more")
                 self._check_client_bytes(client, need)
                 self._charges[key] = need  # reserved before anything is allocated
                 self._clients[key] = client
@@ -179,8 +175,8 @@ class Registry:
             mem = entry.mem
             n = mem.config.context
             if len(ids) <= n:
-                raise MemoryServiceError(422, "too_short", f"{len(ids)} tokens make no sample for a context "
-                                         f"of {n}: give at least {n + 1}")
+                raise TooShort(f"{len(ids)} tokens make no sample for a context "
+                               f"of {n}: give at least {n + 1}")
             mem.check_ids(ids)
             self._grow(key, mem, len(ids) - n)
             try:
@@ -236,8 +232,8 @@ class Registry:
         share = int(self.total_bytes * self.client_share)
         held = sum(self._charges[k] for k, c in self._clients.items() if c == client)
         if client and held + extra > share:
-            raise MemoryServiceError(429, "client_quota", f"this client's memories would take "
-                                     f"{budget.mib(held + extra)}; one client may hold {budget.mib(share)}")
+            raise ClientQuota(f"this client's memories would take "
+                              f"{budget.mib(held + extra)}; one client may hold {budget.mib(share)}")
 
     def _grow(self, key: Key, mem: Memory, samples: int) -> None:
         """Count `samples` more episode rows against the budgets before they are learned."""
@@ -247,12 +243,12 @@ class Registry:
             rows = len(mem.episodic.targets)
         need = budget.nbytes(mem.config, rows + samples)
         if need > self.max_bytes:
-            raise MemoryServiceError(413, "memory_too_large",
-                                     f"learning {samples} more samples could take this memory to {budget.mib(need)}, "
-                                     f"over the {budget.mib(self.max_bytes)} one memory may take")
+            raise MemoryTooLarge(
+                f"learning {samples} more samples could take this memory to {budget.mib(need)}, "
+                f"over the {budget.mib(self.max_bytes)} one memory may take")
         with self._guard:
             if not self._fits_total(key, need):
-                raise MemoryServiceError(503, "memories_full", "the server's memories have no room for this learn")
+                raise MemoriesFull("the server's memories have no room for this learn")
             self._check_client_bytes(self._clients[key], need - self._charges[key])
             self._charges[key] = need
 
@@ -281,9 +277,8 @@ class Registry:
             entry = self._open(key)
         except (persist.CorruptMemory, journal.CorruptJournal) as e:
             log.error("memory file %s is corrupted: %s", self.file(key), e)
-            raise MemoryServiceError(409, "memory_corrupted",
-                                     f"memory {key[1]!r} failed its checks at load and is not used: {e}; "
-                                     "delete it to start again") from None
+            raise MemoryCorrupted(f"memory {key[1]!r} failed its checks at load and is not used (the failure is "
+                                  "logged); delete it to start again") from None
         self._loaded[key] = entry
         with self._guard:
             self._charges[key] = budget.nbytes(entry.mem.config, entry.mem.episodic.bound())

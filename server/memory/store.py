@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from hpi.errors import InvalidRequest
 from hpi.memory import clifford, so4
 from hpi.memory.episodic import Episodic, hash_rows
 
@@ -42,8 +43,9 @@ def default_satellites(dim: int, planned_patterns: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
-class InvalidInput(ValueError):
-    """A configuration or token ids the memory cannot take; the message is for the client."""
+class InvalidInput(InvalidRequest, ValueError):
+    """A configuration or token ids the memory cannot take (422 `invalid_request`); a ValueError
+    too, so that a file's bad configuration reads as corruption (server/memory/persist.py)."""
 
 
 @dataclass(frozen=True)
