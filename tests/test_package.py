@@ -105,9 +105,10 @@ def test_hpi_serve_from_the_wheel_answers_the_page_exactly(installed, browser):
         finally:
             ctx.close()
         answer = conv["turns"][-1]
-        assert len(answer["ids"]) == N and conv["sync"]["position"] >= answer["start"] + N  # all confirmed
+        n = len(answer["ids"])  # at least N: the last verification pass may confirm a few more
+        assert n >= N and conv["sync"]["position"] >= answer["start"] + n  # every token confirmed
         alone = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
-            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0}).json()
+            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": n, "temperature": 0}).json()
         assert answer["content"] == alone["choices"][0]["message"]["content"]
     finally:
         proc.terminate()
