@@ -1,4 +1,5 @@
-"""KV compression baselines (bench/baselines.py) and the corpus loader (bench/corpus.py), no model."""
+"""The benchmarks' own parts, no model: the KV compression baselines (bench/baselines.py),
+the corpus loader (bench/corpus.py) and the fidelity metrics (bench/fidelity.py)."""
 
 import json
 import math
