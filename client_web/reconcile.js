@@ -10,22 +10,25 @@
 // When the anchor cannot be reached the engine keeps drafting up to `maxProvisional`
 // tokens, retries, and reconciles the tail once the anchor answers again.
 
+import { ProtocolError } from './errors.js';
 import { SyncChannel } from './sync.js';
 
 const RETRY_MS = [250, 500, 1000, 2000, 4000];
 // Anchor errors that saying hello again cannot cure.
-const FATAL = new Set(['session_not_found', 'unauthorized', 'forbidden', 'sampling_mismatch']);
+const FATAL = new Set(['session_not_found', 'unauthorized', 'forbidden', 'sampling_mismatch', 'api_key_required',
+  'bad_api_key']);
 
 export class Reconciler {
   /**
    * engine: a Resonator positioned as above. session: {id, token}. sync: {position, chain}.
+   * anchor: the AnchorClient of the sync channel.
    * Hooks: onChange() after any visible change; onConfirmed(tokens, sync) after a verdict,
    * before the page relies on it (the page persists it there); onRefresh(ready) when the
    * anchor's chain is not ours and the page must reload the conversation from the anchor.
    */
-  constructor(engine, session, sync, { draftSize = 16, maxProvisional = 256, temperature = 0, seed = 0,
+  constructor(engine, session, sync, { anchor, draftSize = 16, maxProvisional = 256, temperature = 0, seed = 0,
     drift = false, onChange = () => {}, onConfirmed = async () => {}, onRefresh = async () => {} } = {}) {
-    Object.assign(this, { engine, session, draftSize, maxProvisional, temperature, seed, drift,
+    Object.assign(this, { engine, session, anchor, draftSize, maxProvisional, temperature, seed, drift,
       onChange, onConfirmed, onRefresh });
     this.position = sync.position;
     this.chain = sync.chain;
@@ -44,8 +47,7 @@ export class Reconciler {
 
   /** Reconcile until `limit` more tokens are confirmed or an end of turn is; returns the confirmed ones. */
   async run(limit) {
-    const from = this.position;
-    const target = from + limit;
+    const target = this.target = this.position + limit;
     const finished = () => this.position >= target || this.confirmedEos;
     this.confirmedEos = false;
     this.stopped = false;
@@ -111,8 +113,10 @@ export class Reconciler {
     this.drifted = true;
   }
 
+  // A verdict confirms the accepted tokens and one of the anchor's own: a draft stops short of
+  // the target, so an answer runs past its limit by one token at most (a draft is never empty).
   send() {
-    const tokens = this.provisional.slice(0, this.draftSize);
+    const tokens = this.provisional.slice(0, Math.min(this.draftSize, Math.max(1, this.target - this.position - 1)));
     const eos = tokens.findIndex((t) => this.engine.eos.has(t));
     if (eos >= 0) tokens.length = eos + 1;
     this.inflight = { tokens };
@@ -128,7 +132,7 @@ export class Reconciler {
     this.arrived = null;
     this.inflight = null;
     if (error) {
-      if (FATAL.has(error.code)) throw error;
+      if (FATAL.has(error.anchorCode)) throw error;
       console.warn(`sync: ${error.message}`);
       this.online = false;
       this.scheduleReconnect();
@@ -145,7 +149,7 @@ export class Reconciler {
   /** Take `tokens` as confirmed after `position`; keep the provisional tail only where it agrees. */
   async adopt(tokens, { position, chain }) {
     if (position !== this.position + tokens.length) {
-      throw new Error(`the anchor confirmed up to ${position}, the page counted ${this.position + tokens.length}`);
+      throw new ProtocolError(`the anchor confirmed up to ${position}, the page counted ${this.position + tokens.length}`);
     }
     const p = this.provisional;
     let m = 0;
@@ -175,9 +179,9 @@ export class Reconciler {
     try {
       ({ channel: this.channel, ready } = await SyncChannel.open(this.session.id, this.session.token, {
         position: this.position, chain: this.chain, temperature: this.temperature, seed: this.seed,
-      }, { stats: this.stats, onClose: () => this.wake() }));
+      }, { stats: this.stats, onClose: () => this.wake(), anchor: this.anchor }));
     } catch (e) {
-      if (FATAL.has(e.code)) throw e;
+      if (FATAL.has(e.anchorCode)) throw e;
       console.warn(`sync: ${e.message}`);
       this.online = false;
       this.scheduleReconnect();

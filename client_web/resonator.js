@@ -13,9 +13,8 @@
 // `nextId` is the token to feed at `position`; its logits choose the token at
 // `position + 1`.
 
+import { WebGPUUnavailable } from './errors.js';
 import { loadHologram } from './holo.js';
-
-export class NoWebGPUError extends Error {}
 
 const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values', 'sample',
   'holo_basis', 'holo_unpack'];
@@ -52,15 +51,15 @@ function concatBytes(views) {
 
 export class Resonator {
   /**
-   * Set up the device; throws NoWebGPUError where WebGPU is missing. Weight matrices are
+   * Set up the device; throws WebGPUUnavailable where WebGPU is missing. Weight matrices are
    * split into chunks of at most `maxWeightBytes` per plane (default: the adapter's limit).
    */
   static async create({ shaderBase = '/shaders/', gemv = {}, batch = 4, maxWeightBytes = Infinity } = {}) {
     if (!('gpu' in navigator)) {
-      throw new NoWebGPUError('This browser does not offer WebGPU (navigator.gpu is missing).');
+      throw new WebGPUUnavailable('This browser does not offer WebGPU (navigator.gpu is missing).');
     }
     const adapter = await navigator.gpu.requestAdapter();
-    if (!adapter) throw new NoWebGPUError('WebGPU is present but no GPU adapter is available.');
+    if (!adapter) throw new WebGPUUnavailable('WebGPU is present but no GPU adapter is available.');
     const lim = adapter.limits;
     const device = await adapter.requestDevice({
       requiredLimits: {

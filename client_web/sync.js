@@ -1,34 +1,28 @@
 // The page's end of the reconciliation channel (/v1/sessions/{id}/sync, protocol/SPEC.md,
 // "Reconciliation frames"): a hello, then one draft at a time, each answered by a verdict.
 
+import { AnchorClient } from './anchor.js';
+import { AnchorUnreachable, ProtocolError, anchorError } from './errors.js';
 import { decode, encode } from './msgpack.js';
 
 export const GENESIS = new Uint8Array(32);
 
-/** An `error` frame from the anchor; `code` is its machine-readable code. */
-export class AnchorError extends Error {
-  constructor(code, message) {
-    super(`anchor: ${code}: ${message}`);
-    this.code = code;
-  }
-}
-
 export class SyncChannel {
   /**
    * Connect and say hello; resolves to the channel and the anchor's `ready` frame.
-   * `stats.bytesSent/bytesReceived` count the frames; `onClose` runs when the socket closes.
+   * `stats.bytesSent/bytesReceived` count the frames; `onClose` runs when the socket closes;
+   * `anchor` (an AnchorClient) says where the anchor is, by default the page's own origin.
    */
   static async open(sessionId, token, { position, chain = GENESIS, temperature = 0, seed = 0 },
-    { stats = {}, onClose = () => {} } = {}) {
-    const url = new URL(`/v1/sessions/${sessionId}/sync`, location.href);
-    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    const ws = new WebSocket(url);
+    { stats = {}, onClose = () => {}, anchor = new AnchorClient() } = {}) {
+    const { url, protocols } = anchor.websocket(`/v1/sessions/${sessionId}/sync`);
+    const ws = new WebSocket(url, protocols);
     ws.binaryType = 'arraybuffer';
     const opened = await new Promise((resolve) => {
       ws.onopen = () => resolve(true);
       ws.onerror = ws.onclose = () => resolve(false);
     });
-    if (!opened) throw await SyncChannel.whyRefused(sessionId, token, url);
+    if (!opened) throw await SyncChannel.whyRefused(anchor, sessionId, token, url);
     const channel = new SyncChannel(ws, stats, onClose);
     try {
       const ready = await channel.request({ type: 'hello', token, position, chain, temperature, seed });
@@ -43,15 +37,13 @@ export class SyncChannel {
    * The anchor refuses the channel of a session it does not hold before it opens, and a page
    * cannot read why: ask the session's own endpoint, which says 404 (or 401/403) in JSON.
    */
-  static async whyRefused(sessionId, token, url) {
+  static async whyRefused(anchor, sessionId, token, url) {
     try {
-      const r = await fetch(`/v1/sessions/${sessionId}/checkpoints`, { headers: { Authorization: `Bearer ${token}` } });
-      if (!r.ok) {
-        const { error } = await r.json();
-        if (error?.code) return new AnchorError(error.code, error.message);
-      }
-    } catch { /* the anchor is unreachable: the caller retries */ }
-    return new Error(`cannot reach the anchor's sync channel at ${url}`);
+      await anchor.request(`/v1/sessions/${sessionId}/checkpoints`, { token });
+    } catch (e) {
+      return e;
+    }
+    return new AnchorUnreachable(`cannot reach the anchor's sync channel at ${url}`, { url: url.href });
   }
 
   constructor(ws, stats, onClose) {
@@ -66,27 +58,27 @@ export class SyncChannel {
       try {
         w?.resolve(decode(e.data));
       } catch (err) {
-        w?.reject(err);
+        w?.reject(new ProtocolError(`a frame the page cannot decode: ${err.message}`, { cause: err }));
       }
     };
     ws.onclose = () => {
       this.closed = true;
-      this.waiting?.reject(new Error('the sync channel closed'));
+      this.waiting?.reject(new AnchorUnreachable('the sync channel closed'));
       this.waiting = null;
       onClose();
     };
   }
 
-  /** Send one frame and wait for the answer; an `error` frame rejects with an AnchorError. */
+  /** Send one frame and wait for the answer; an `error` frame rejects with its typed error. */
   async request(frame) {
-    if (this.closed) throw new Error('the sync channel is closed');
+    if (this.closed) throw new AnchorUnreachable('the sync channel is closed');
     if (this.waiting) throw new Error('one request at a time on the sync channel');
     const answer = new Promise((resolve, reject) => { this.waiting = { resolve, reject }; });
     const bytes = encode({ v: 1, ...frame });
     this.stats.bytesSent = (this.stats.bytesSent || 0) + bytes.byteLength;
     this.ws.send(bytes);
     const reply = await answer;
-    if (reply.type === 'error') throw new AnchorError(reply.code, reply.message);
+    if (reply.type === 'error') throw anchorError(reply.code, reply.message);
     return reply;
   }
 

@@ -351,6 +351,6 @@ def test_the_page_learns_why_its_channel_was_refused(page):
     code = page.evaluate("""async () => {
         const { SyncChannel } = await import('/client/sync.js');
         try { await SyncChannel.open('nosuchsession', 'x', { position: 1 }); return 'opened'; }
-        catch (e) { return e.code ?? e.message; }
+        catch (e) { return `${e.name}: ${e.anchorCode ?? e.message}`; }
     }""")
-    assert code == "session_not_found"
+    assert code == "SessionExpired: session_not_found"
