@@ -216,16 +216,18 @@ JS_PROBE = """async ([src, rows, cols, reps, perSubmit, timeoutMs]) => {
   const msgs = (await module.getCompilationInfo()).messages.filter((m) => m.type === 'error');
   if (msgs.length) throw new Error('bandwidth.wgsl: ' + msgs.map((m) => `${m.lineNum}:${m.linePos} ${m.message}`).join('; '));
   const pipe = (entryPoint, constants) => dev.createComputePipeline({ layout: 'auto', compute: { module, entryPoint, constants } });
+  const { bindingSlots } = await import('/client/resonator.js');
+  const slots = bindingSlots(src, 'bandwidth.wgsl');  // bound by name, as the resonator binds its kernels
   const bind = (p, entries) => dev.createBindGroup({ layout: p.getBindGroupLayout(0),
-    entries: Object.entries(entries).map(([b, buffer]) => ({ binding: Number(b), resource: { buffer } })) });
+    entries: Object.entries(entries).map(([name, buffer]) => ({ binding: slots[name], resource: { buffer } })) });
   const bytes = rows * cols * 4;
   const a = dev.createBuffer({ size: bytes, usage: S }), b = dev.createBuffer({ size: bytes, usage: S });
   const xb = dev.createBuffer({ size: cols * 4, usage: S }), yb = dev.createBuffer({ size: rows * 4, usage: S });
   const copy = pipe('copy', {}), gemv = pipe('gemv', { K4: cols / 4 });
   const kernels = {
-    copy: { p: copy, g: bind(copy, { 0: a, 1: b }), groups: Math.ceil(bytes / 16 / 256), traffic: 2 * bytes,
+    copy: { p: copy, g: bind(copy, { src: a, dst: b }), groups: Math.ceil(bytes / 16 / 256), traffic: 2 * bytes,
       layout: '@workgroup_size(256): one invocation per vec4<f32>; traffic = read + write' },
-    gemv: { p: gemv, g: bind(gemv, { 2: a, 3: xb, 4: yb }), groups: Math.ceil(rows / 64), traffic: bytes + 4 * cols + 4 * rows,
+    gemv: { p: gemv, g: bind(gemv, { W: a, x: xb, y: yb }), groups: Math.ceil(rows / 64), traffic: bytes + 4 * cols + 4 * rows,
       layout: `@workgroup_size(64): one invocation per row of ${rows} x ${cols} f32; traffic = W + x + y` },
   };
   const run = async (k, count) => {

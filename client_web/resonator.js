@@ -16,20 +16,21 @@
 import { WebGPUUnavailable } from './errors.js';
 import { loadHologram } from './holo.js';
 
-const SHADERS = ['q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values', 'sample',
-  'holo_basis', 'holo_unpack'];
-// The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes:
-// Q4_1 puts a block's f16 scale and minimum in one word; Q8_0 widens its scale to a word and
-// stores its signed bytes as q + 128.
+// common.wgsl is the prelude of every kernel (shaders/README.md).
+const SHADERS = ['common', 'q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values',
+  'sample', 'holo_basis', 'holo_unpack'];
+// The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes, by
+// the scheme's WGSL variable names: Q4_1 puts a block's f16 scale and minimum in one word;
+// Q8_0 widens its scale to a word and stores its signed bytes as q + 128.
 const PLANES = {
   q4_1: (plane) => {
     const d = new Uint16Array(plane('d').buffer), m = new Uint16Array(plane('m').buffer);
     const dm = new Uint16Array(2 * d.length);
     for (let i = 0; i < d.length; i++) { dm[2 * i] = d[i]; dm[2 * i + 1] = m[i]; }
-    return [new Uint8Array(dm.buffer), plane('qs')];
+    return { w_dm: new Uint8Array(dm.buffer), w_qs: plane('qs') };
   },
-  q8_0: (plane) => [new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer),
-    plane('q').map((b) => b ^ 0x80)],
+  q8_0: (plane) => ({ w_d: new Uint8Array(Uint32Array.from(new Uint16Array(plane('d').buffer)).buffer),
+    w_q: plane('q').map((b) => b ^ 0x80) }),
 };
 const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
 const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
@@ -38,6 +39,23 @@ const STATE_BYTES = 32;
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
 
 const align = (n, a) => Math.ceil(n / a) * a;
+
+/**
+ * The binding slot of each group-0 variable a WGSL module declares, by name. The slot numbers
+ * are written only in the WGSL; bind groups are built by name from this map. Two variables on
+ * one slot (a kernel over the slots its weight scheme takes) are refused here, by name, where
+ * WebGPU would refuse the pipeline as a whole.
+ */
+export function bindingSlots(code, label) {
+  const slots = {};
+  const declared = code.replace(/\/\/.*$/gm, '').matchAll(/@group\(0\)\s*@binding\((\d+)\)\s*var(?:<[^>]*>)?\s+(\w+)/g);
+  for (const [, slot, name] of declared) {
+    const other = Object.keys(slots).find((n) => slots[n] === Number(slot));
+    if (other) throw new Error(`${label}: ${other} and ${name} both declare binding ${slot}`);
+    slots[name] = Number(slot);
+  }
+  return slots;
+}
 
 function concatBytes(views) {
   const out = new Uint8Array(views.reduce((n, v) => n + v.byteLength, 0));
@@ -54,7 +72,8 @@ export class Resonator {
    * Set up the device; throws WebGPUUnavailable where WebGPU is missing. Weight matrices are
    * split into chunks of at most `maxWeightBytes` per plane (default: the adapter's limit).
    */
-  static async create({ shaderBase = '/shaders/', gemv = {}, batch = 4, maxWeightBytes = Infinity } = {}) {
+  static async create({ shaderBase = new URL('./shaders/', import.meta.url), gemv = {}, batch = 4,
+    maxWeightBytes = Infinity } = {}) {
     if (!('gpu' in navigator)) {
       throw new WebGPUUnavailable('This browser does not offer WebGPU (navigator.gpu is missing).');
     }
@@ -88,6 +107,7 @@ export class Resonator {
     this.opts = opts;
     this.adapter = opts.adapter;
     this.pipelines = new Map();
+    this.slots = new WeakMap();  // pipeline -> bindingSlots of its module
     this.position = 0;
     this.nextId = null;
     this.capacity = 0;
@@ -140,7 +160,7 @@ export class Resonator {
       const per = t.data.length / t.shape[0];
       return t.data.subarray(a * per, b * per);
     })));
-    const rowBytes = planesOf(names.map((n) => [n, 0, 1])).map((b) => b.byteLength);
+    const rowBytes = Object.values(planesOf(names.map((n) => [n, 0, 1]))).map((b) => b.byteLength);
     let per = Math.floor(this.opts.weightBytes / Math.max(...rowBytes));
     if (paired) per = Math.floor(per / 2);
     if (per < 1) throw new Error(`rows of ${names[0]} do not fit the adapter's binding size`);
@@ -159,29 +179,43 @@ export class Resonator {
           if (a < b) slices.push([n, a - first, b - first]);
         });
       }
-      chunks.push({ row0, rows: end - row0, planes: planesOf(slices).map((bytes) => this.upload(bytes)) });
+      const planes = Object.entries(planesOf(slices)).map(([plane, bytes]) => [plane, this.upload(bytes)]);
+      chunks.push({ row0, rows: end - row0, planes: Object.fromEntries(planes) });
     }
     return { scheme, rows: total, cols, chunks };
   }
 
   // ---- pipelines ---------------------------------------------------------------------------
 
+  /** The WGSL of a kernel as compiled: the prelude, the weight scheme if it takes one, the kernel. */
+  source(shader, scheme = null) {
+    return [this.sources.common, scheme && this.sources[scheme], this.sources[shader]].filter(Boolean).join('\n');
+  }
+
   pipeline(shader, constants, { scheme = null, entry = 'main' } = {}) {
     const key = JSON.stringify([shader, scheme, entry, constants]);
     if (!this.pipelines.has(key)) {
-      const code = (scheme ? this.sources[scheme] + '\n' : '') + this.sources[shader];
+      const code = this.source(shader, scheme);
+      const slots = bindingSlots(code, shader);
       const module = this.device.createShaderModule({ code, label: shader });
-      this.pipelines.set(key, this.device.createComputePipeline({
+      const pipeline = this.device.createComputePipeline({
         label: `${shader}:${entry}`, layout: 'auto', compute: { module, entryPoint: entry, constants },
-      }));
+      });
+      this.slots.set(pipeline, slots);
+      this.pipelines.set(key, pipeline);
     }
     return this.pipelines.get(key);
   }
 
-  bind(pipeline, entries) {
+  /** A bind group of `pipeline` from buffers by the names of their WGSL variables. */
+  bind(pipeline, buffers) {
+    const slots = this.slots.get(pipeline);
     return this.device.createBindGroup({
       layout: pipeline.getBindGroupLayout(0),
-      entries: Object.entries(entries).map(([binding, buffer]) => ({ binding: Number(binding), resource: { buffer } })),
+      entries: Object.entries(buffers).map(([name, buffer]) => {
+        if (!(name in slots)) throw new Error(`${pipeline.label} declares no binding ${name}`);
+        return { binding: slots[name], resource: { buffer } };
+      }),
     });
   }
 
@@ -191,12 +225,11 @@ export class Resonator {
     const stage = this.pipeline('gemv', { C: m.cols, NORM: norm ? 1 : 0, EPS: this.cfg.eps, SLICES: slices },
       { scheme: m.scheme, entry: 'stage' });
     const pipe = this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
-    const staged = { 7: this.xi, 8: this.xsum };
-    return [[`${name}`, stage, this.bind(stage, { 3: x, 4: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
+    const staged = { xi: this.xi, xsum: this.xsum };
+    return [[`${name}`, stage, this.bind(stage, { x, norm_w: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
       const n = c.rows;
-      const planes = Object.fromEntries(c.planes.map((b, i) => [i, b]));
-      const params = this.uniform(new Uint32Array([n, c.row0, mode === 2 ? n : 0, 0]));
-      return [name, pipe, this.bind(pipe, { ...planes, 5: y, 6: params, ...staged }), Math.ceil(n / (4 * g.WG)), 1];
+      const p = this.uniform(new Uint32Array([n, c.row0, mode === 2 ? n : 0, 0]));
+      return [name, pipe, this.bind(pipe, { ...c.planes, y, p, ...staged }), Math.ceil(n / (4 * g.WG)), 1];
     })];
   }
 
@@ -305,8 +338,7 @@ export class Resonator {
     const dims = { H, G, DH };
     const embed = this.pipeline('embed', { C: DM }, { scheme: this.embed.scheme });
     this.embedPlan = this.embed.chunks.map((c) => ['embed', embed, this.bind(embed, {
-      ...Object.fromEntries(c.planes.map((b, i) => [i, b])), 3: this.state,
-      4: this.uniform(new Uint32Array([c.row0, c.rows, 0, 0])), 5: this.x,
+      ...c.planes, state: this.state, chunk: this.uniform(new Uint32Array([c.row0, c.rows, 0, 0])), x: this.x,
     }), 1, 1]);
     const rope = this.pipeline('rope_append', dims);
     const scores = this.pipeline('attn_scores', { ...dims, SCALE: Math.fround(1 / Math.sqrt(DH)) });
@@ -315,15 +347,15 @@ export class Resonator {
     this.layerPlans = this.layers.map((w, l) => ({
       pre: [
         ...this.gemv('qkv', w.qkv, { x: this.x, y: this.qkvOut, norm: w.attnNorm }),
-        ['rope_append', rope, this.bind(rope, { 0: this.state, 1: this.rope, 2: this.qkvOut, 3: this.cache[l].k,
-          4: this.cache[l].v }), Math.ceil(Math.max((H + G) * DH / 2, G * DH) / 64), 1],
+        ['rope_append', rope, this.bind(rope, { state: this.state, rope: this.rope, qkv: this.qkvOut,
+          k_cache: this.cache[l].k, v_cache: this.cache[l].v }), Math.ceil(Math.max((H + G) * DH / 2, G * DH) / 64), 1],
       ],
-      scores: ['attn_scores', scores, this.bind(scores, { 0: this.state, 1: this.qkvOut, 2: this.cache[l].k,
-        3: this.scores })],
+      scores: ['attn_scores', scores, this.bind(scores, { state: this.state, qkv: this.qkvOut,
+        k_cache: this.cache[l].k, scores: this.scores })],
       post: [
-        ['attn_softmax', softmax, this.bind(softmax, { 0: this.state, 1: this.scores, 2: this.sums }), H, 1],
-        ['attn_values', values, this.bind(values, { 0: this.state, 1: this.scores, 2: this.sums,
-          3: this.cache[l].v, 4: this.attnOut }), Math.ceil(G * DH / 4 / 64), ATTN_SLICES],
+        ['attn_softmax', softmax, this.bind(softmax, { state: this.state, scores: this.scores, sums: this.sums }), H, 1],
+        ['attn_values', values, this.bind(values, { state: this.state, e: this.scores, sums: this.sums,
+          v_cache: this.cache[l].v, attn: this.attnOut }), Math.ceil(G * DH / 4 / 64), ATTN_SLICES],
         ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1, slices: ATTN_SLICES }),
         ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2 }),
         ...this.gemv('down', w.down, { x: this.act, y: this.x, mode: 1 }),
@@ -333,8 +365,9 @@ export class Resonator {
     const pick = this.pipeline('sample', { V }, { entry: 'pick' });
     this.headPlan = [
       ...this.gemv('lm_head', this.lmHead, { x: this.x, y: this.logits, norm: this.norm }),
-      ['sample', scan, this.bind(scan, { 0: this.state, 1: this.logits, 2: this.best }), Math.ceil(V / SAMPLE_SPAN), 1],
-      ['sample', pick, this.bind(pick, { 0: this.state, 2: this.best, 3: this.tokens }), 1, 1],
+      ['sample', scan, this.bind(scan, { state: this.state, logits: this.logits, best: this.best }),
+        Math.ceil(V / SAMPLE_SPAN), 1],
+      ['sample', pick, this.bind(pick, { state: this.state, best: this.best, tokens: this.tokens }), 1, 1],
     ];
   }
 
@@ -420,17 +453,17 @@ export class Resonator {
       const cal = this.calib[kind];
       const B = keep(this.buffer(L * G * DH * DH * 4, STORAGE));
       pass.setPipeline(basisPipe);
-      pass.setBindGroup(0, this.bind(basisPipe, { 0: keep(this.uniform(new Uint32Array([head.length + tail.length,
-        cal.unwhitenAt, 0, 0]))), 1: f16s, 2: blocks, 3: cal.buffer, 4: B }));
+      pass.setBindGroup(0, this.bind(basisPipe, { p: keep(this.uniform(new Uint32Array([head.length + tail.length,
+        cal.unwhitenAt, 0, 0]))), f16s, blocks, calib: cal.buffer, basis: B }));
       pass.dispatchWorkgroups(Math.ceil(DH * DH / 64), L * G);
       if (T === 0) continue;
       for (let l = 0; l < L; l++) {
-        const params = keep(this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
+        const p = keep(this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
           cal.meanAt])));
-        const out = this.cache[l][kind];
+        const cache = this.cache[l][kind];
         for (const [pipe, items, group] of [
-          [exact, s + t, { 0: params, 1: f16s, 7: out }],
-          [coded, Math.ceil(M / 4), { 0: params, 2: codes, 3: blocks, 4: cal.buffer, 5: B, 6: this.rope, 7: out }],
+          [exact, s + t, { p, f16s, cache }],
+          [coded, Math.ceil(M / 4), { p, codes, blocks, calib: cal.buffer, basis: B, rope: this.rope, cache }],
         ]) {
           if (!items) continue;
           pass.setPipeline(pipe);
@@ -535,7 +568,7 @@ export class Resonator {
     const enc = this.device.createCommandEncoder();
     const pass = enc.beginComputePass();
     pass.setPipeline(pipe);
-    pass.setBindGroup(0, this.bind(pipe, { 0: this.state, 2: this.best }));
+    pass.setBindGroup(0, this.bind(pipe, { state: this.state, best: this.best }));
     pass.dispatchWorkgroups(Math.ceil(this.cfg.V / 64));
     pass.end();
     this.device.queue.submit([enc.finish()]);
@@ -604,7 +637,7 @@ export class Resonator {
 
   /** Bytes of weights one decode step reads: every layer matrix and norm, the LM head, one embedding row. */
   get bytesPerToken() {
-    const size = (m) => m.chunks.reduce((n, c) => n + c.planes.reduce((s, b) => s + b.size, 0), 0);
+    const size = (m) => m.chunks.reduce((n, c) => n + Object.values(c.planes).reduce((s, b) => s + b.size, 0), 0);
     const layers = this.layers.reduce((n, w) => n + size(w.qkv) + size(w.wo) + size(w.gateUp) + size(w.down)
       + w.attnNorm.size + w.mlpNorm.size, 0);
     return layers + size(this.lmHead) + size(this.embed) / this.cfg.V + this.norm.size;

@@ -11,8 +11,6 @@ override G: u32;
 override DH: u32;
 override SCALE: f32;  // 1/sqrt(Dh), rounded to f32 on the CPU
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
-
 @group(0) @binding(0) var<storage, read> state: State;
 @group(0) @binding(1) var<storage, read> qkv: array<vec4f>;
 @group(0) @binding(2) var<storage, read> k_cache: array<vec4f>;  // [capacity, G, Dh]

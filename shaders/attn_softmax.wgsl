@@ -9,8 +9,6 @@
 
 override H: u32;
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
-
 @group(0) @binding(0) var<storage, read> state: State;
 @group(0) @binding(1) var<storage, read_write> scores: array<vec4f>;  // [H, capacity / 4]
 @group(0) @binding(2) var<storage, read_write> sums: array<f32>;      // [H]

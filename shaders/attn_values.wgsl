@@ -12,8 +12,6 @@ override G: u32;
 override DH: u32;
 override SLICES: u32;
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
-
 @group(0) @binding(0) var<storage, read> state: State;
 @group(0) @binding(1) var<storage, read> e: array<vec4f>;        // [H, capacity / 4], zero-padded
 @group(0) @binding(2) var<storage, read> sums: array<f32>;       // [H]

@@ -7,7 +7,6 @@
 
 override C: u32;  // model dim
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
 struct Chunk { row0: u32, rows: u32 }
 
 @group(0) @binding(3) var<storage, read> state: State;

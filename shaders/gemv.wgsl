@@ -19,7 +19,7 @@ override NORM: bool = false;  // x <- x * rsqrt(mean(x^2) + EPS) * norm_w before
 override SLICES: u32 = 1u;    // x arrives as SLICES partial sums, one after the other
 override EPS: f32 = 1e-5;
 
-struct Params {
+struct GemvParams {
   rows: u32,   // rows computed by this dispatch (for MODE 2: gate rows; up rows follow them)
   y0: u32,     // index in y of this chunk's first row
   up: u32,     // MODE 2: offset of the up rows in W
@@ -29,7 +29,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x: array<f32>;  // [SLICES, C]
 @group(0) @binding(4) var<storage, read> norm_w: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<uniform> p: Params;
+@group(0) @binding(6) var<uniform> p: GemvParams;
 @group(0) @binding(7) var<storage, read_write> xi: array<vec4f>;  // block b: 8 vec4, see block_dot
 @group(0) @binding(8) var<storage, read_write> xsum: array<f32>;
 

@@ -10,18 +10,14 @@
 
 override DH: u32;
 
-struct Params {
+struct BasisParams {
   svd_at: u32,       // offset (in halves) of svd_vt in f16s
   unwhiten_at: u32,  // offset (in floats) of unwhiten in calib
   _pad0: u32,
   _pad1: u32,
 }
 
-// Per block (layer-major, then head): byte offset of its codes, rank, step, basis code,
-// first svd row.
-struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
-
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: BasisParams;
 @group(0) @binding(1) var<storage, read> f16s: array<u32>;   // head | tail | svd_vt, f16 pairs
 @group(0) @binding(2) var<storage, read> blocks: array<Block>;
 @group(0) @binding(3) var<storage, read> calib: array<f32>;  // pca [L,G,Dh,Dh] | unwhiten [L,G,Dh,Dh] | mean

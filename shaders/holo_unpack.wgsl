@@ -15,7 +15,7 @@
 override DH: u32;
 override G: u32;
 
-struct Params {
+struct UnpackParams {
   layer: u32,
   start: u32,    // position of the segment's first token
   head: u32,     // s: exact tokens at the start of the segment
@@ -26,9 +26,7 @@ struct Params {
   mean_at: u32,  // offset (in floats) of mean in calib
 }
 
-struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
-
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: UnpackParams;
 @group(0) @binding(1) var<storage, read> f16s: array<u32>;   // head [L,G,s,Dh] | tail [L,G,t,Dh] | svd_vt
 @group(0) @binding(2) var<storage, read> codes: array<u32>;  // i8, four per word, one spare word at the end
 @group(0) @binding(3) var<storage, read> blocks: array<Block>;

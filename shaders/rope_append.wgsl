@@ -10,8 +10,6 @@ override H: u32;
 override G: u32;
 override DH: u32;
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
-
 @group(0) @binding(0) var<storage, read> state: State;
 @group(0) @binding(1) var<storage, read> rope: array<vec2f>;        // [position][Dh/2] (cos, sin)
 @group(0) @binding(2) var<storage, read_write> qkv: array<f32>;     // q [H*Dh], k [G*Dh], v [G*Dh]

@@ -13,8 +13,6 @@
 
 override V: u32;
 
-struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
-
 @group(0) @binding(0) var<storage, read_write> state: State;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> best: array<vec2u>;  // (score bits, index) per workgroup

@@ -1,0 +1,13 @@
+// Declarations several kernels share, prepended to every kernel by client_web/resonator.js
+// (before the weight scheme, if the kernel takes one), so that each layout is written once.
+// The JS side writes these layouts too: keep Resonator.writeState and the blocks table of
+// Resonator.addHologram in step with them.
+
+// The decode state, on the GPU so a batch of steps needs no writes between them: the position
+// of the token fed, that token, the step of the batch (sample.wgsl's `pick` records the chosen
+// token at it and advances pos, token and step), and the sampling seed and temperature.
+struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
+
+// A coded block of a hologram (one per layer and KV head, layer-major): byte offset of its
+// codes, rank, quantization step, basis code (0 raw, 1 pca, 2 svd), first row of its svd basis.
+struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
