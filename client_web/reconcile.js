@@ -10,13 +10,11 @@
 // When the anchor cannot be reached the engine keeps drafting up to `maxProvisional`
 // tokens, retries, and reconciles the tail once the anchor answers again.
 
+import { FATAL } from './anchor_errors.js';
 import { ProtocolError } from './errors.js';
 import { SyncChannel } from './sync.js';
 
 const RETRY_MS = [250, 500, 1000, 2000, 4000];
-// Anchor errors that saying hello again cannot cure.
-const FATAL = new Set(['session_not_found', 'unauthorized', 'forbidden', 'sampling_mismatch', 'api_key_required',
-  'bad_api_key']);
 
 export class Reconciler {
   /**

@@ -49,7 +49,12 @@ def test_every_code_of_the_catalogue_has_a_class():
 
 
 def test_the_fatal_sync_codes_are_the_ones_a_hello_cannot_cure():
-    assert catalogue.FATAL == {"session_not_found", "unauthorized", "forbidden", "sampling_mismatch"}
+    assert catalogue.FATAL == {"session_not_found", "unauthorized", "forbidden", "sampling_mismatch",
+                               "api_key_required", "bad_api_key"}
+
+
+def test_the_web_sdk_reads_the_generated_catalogue():
+    assert catalogue.JS_MODULE.read_text() == catalogue.javascript(), "run `python -m hpi.protocol.errors`"
 
 
 def test_an_error_is_the_same_over_http_and_as_a_frame():
