@@ -3,10 +3,7 @@
 // set a websocket's headers), and anchor failures turned into the typed errors of errors.js.
 
 import { AnchorUnreachable, anchorError } from './errors.js';
-
-// Offered beside the key: the anchor answers with a protocol the page offered, and a browser
-// fails a handshake that names none.
-const SYNC_PROTOCOL = 'hpi';
+import { SUBPROTOCOL } from './protocol.js';
 
 export class AnchorClient {
   constructor(base = location.origin, apiKey = null) {
@@ -22,7 +19,9 @@ export class AnchorClient {
   websocket(path) {
     const url = this.url(path);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    return { url, protocols: this.apiKey ? [SYNC_PROTOCOL, `api-key.${this.apiKey}`] : [] };
+    // The key rides beside the channel's own protocol, which the anchor always accepts: a browser
+    // fails a handshake that names none of the protocols it offered.
+    return { url, protocols: this.apiKey ? [SUBPROTOCOL, `api-key.${this.apiKey}`] : [SUBPROTOCOL] };
   }
 
   /**

@@ -10,7 +10,7 @@
 // When the anchor cannot be reached the engine keeps drafting up to `maxProvisional`
 // tokens, retries, and reconciles the tail once the anchor answers again.
 
-import { FATAL } from './anchor_errors.js';
+import { FATAL, MAX_DRAFT } from './protocol.js';
 import { ProtocolError } from './errors.js';
 import { SyncChannel } from './sync.js';
 
@@ -26,8 +26,9 @@ export class Reconciler {
    */
   constructor(engine, session, sync, { anchor, draftSize = 16, maxProvisional = 256, temperature = 0, seed = 0,
     drift = false, onChange = () => {}, onConfirmed = async () => {}, onRefresh = async () => {} } = {}) {
-    Object.assign(this, { engine, session, anchor, draftSize, maxProvisional, temperature, seed, drift,
-      onChange, onConfirmed, onRefresh });
+    // A draft frame carries at most MAX_DRAFT tokens; the anchor refuses a longer one.
+    Object.assign(this, { engine, session, anchor, draftSize: Math.min(draftSize, MAX_DRAFT), maxProvisional,
+      temperature, seed, drift, onChange, onConfirmed, onRefresh });
     this.position = sync.position;
     this.chain = sync.chain;
     this.last = engine.nextId;  // the last confirmed token: the engine starts with no provisional tail

@@ -4,6 +4,7 @@
 import { AnchorClient } from './anchor.js';
 import { AnchorUnreachable, ProtocolError, anchorError } from './errors.js';
 import { decode, encode } from './msgpack.js';
+import { VERSION } from './protocol.js';
 
 export const GENESIS = new Uint8Array(32);
 
@@ -74,7 +75,7 @@ export class SyncChannel {
     if (this.closed) throw new AnchorUnreachable('the sync channel is closed');
     if (this.waiting) throw new Error('one request at a time on the sync channel');
     const answer = new Promise((resolve, reject) => { this.waiting = { resolve, reject }; });
-    const bytes = encode({ v: 1, ...frame });
+    const bytes = encode({ v: VERSION, ...frame });
     this.stats.bytesSent = (this.stats.bytesSent || 0) + bytes.byteLength;
     this.ws.send(bytes);
     const reply = await answer;

@@ -21,6 +21,10 @@ import msgpack
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 VERSION = 1
+# The websocket subprotocol a page may offer for the channel. A page that sends an API key as the
+# subprotocol `api-key.<key>` offers it beside this one, and a browser fails the handshake unless
+# the anchor accepts one of those it offered, whether or not the anchor asks for keys.
+SUBPROTOCOL = "hpi"
 MAX_FRAME_BYTES = 64 * 1024  # the largest message of the channel, in bytes (SPEC: 64 KiB)
 MAX_DRAFT = 256  # drafted tokens per draft frame
 MAX_TOKEN_ID = 1 << 31  # token ids are below this (and below the model's vocabulary size)

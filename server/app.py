@@ -473,7 +473,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         if not await run_in_threadpool(st.exists, session_id):  # refused before accepting: the client sees HTTP 403
             await ws.close(code=1008, reason=SessionNotFound.code)
             return
-        await ws.accept()
+        await ws.accept(subprotocol=frames.SUBPROTOCOL if frames.SUBPROTOCOL in ws.scope["subprotocols"] else None)
         session_ok = False
         while True:
             try:

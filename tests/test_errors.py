@@ -10,7 +10,7 @@ import msgpack
 from hpi import app  # noqa: F401  (imports every module that defines an error)
 from hpi.errors import ApiError, SamplingMismatch, quoted
 from hpi.protocol import errors as catalogue
-from hpi.protocol import frames
+from hpi.protocol import frames, javascript
 from tests.http_errors import assert_error
 from tests.test_api import USER
 
@@ -53,8 +53,8 @@ def test_the_fatal_sync_codes_are_the_ones_a_hello_cannot_cure():
                                "api_key_required", "bad_api_key"}
 
 
-def test_the_web_sdk_reads_the_generated_catalogue():
-    assert catalogue.JS_MODULE.read_text() == catalogue.javascript(), "run `python -m hpi.protocol.errors`"
+def test_the_web_sdk_has_the_generated_catalogue():
+    assert javascript.JS_MODULE.read_text() == javascript.javascript(), "run `python -m hpi.protocol.javascript`"
 
 
 def test_an_error_is_the_same_over_http_and_as_a_frame():

@@ -317,6 +317,16 @@ def test_a_page_sends_its_websocket_key_as_a_subprotocol(apps):
     assert e.value.reason == "bad_api_key"
 
 
+@pytest.mark.parametrize("offered", [["hpi"], ["hpi", API_KEY_PROTOCOL + KEY]])
+def test_an_anchor_without_keys_accepts_the_channel_protocol_a_page_offers(apps, offered):
+    w = World(apps["plain"], {})
+    with w.client.websocket_connect(f"/v1/sessions/{sid(w)}/sync", subprotocols=offered) as ws:
+        assert ws.accepted_subprotocol == frames.SUBPROTOCOL  # else a browser fails the handshake
+        reply = send(ws, type="hello", token=w.session["token"], position=w.session["n_tokens"],
+                     chain=frames.GENESIS, temperature=0.0, seed=0)
+        assert reply["type"] == "ready"
+
+
 def test_cross_origin_pages_reach_a_keyed_anchor(tiny_anchor, make_client):
     client = make_client(api_keys=[KEY], allowed_origins=["https://app.example"])
     origin = {"Origin": "https://app.example"}
