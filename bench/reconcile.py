@@ -29,7 +29,7 @@ token for token (asserted: the run fails if any answer differs).
 Drafts come from the Python reference resonator (server/resonator.py) for every prompt and
 K, greedy; a subset (--sampled) also at temperature 0.7 with a seed; a subset (--browser)
 from the WGSL engine (client_web/resonator.js) in headless Chromium (WebGPU on
-SwiftShader, tests/browser.py), verified by the same Python anchor.
+SwiftShader, server/headless.py), verified by the same Python anchor.
 
     python -m bench.reconcile --prompts 2 --new 16 --ks 8,16 --sampled 1 --browser 1 --out /tmp/r.json
     python -m bench.reconcile --render                                       # the full run (~30 min)
@@ -413,7 +413,7 @@ def python_phase(store, prompts, args, ks, result) -> None:
 
 
 def browser_phase(store, prompts, args, result, base: str) -> None:
-    from tests.browser import launch
+    from hpi.headless import launch
 
     ks = args.browser_ks_list
     out = result["browser"]
@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"browser drafts: {', '.join(p['id'] for p in bprompts)} at K = {args.browser_ks_list} ...")
         try:
             from hpi.app import create_app
-            from tests.browser import serve
+            from hpi.headless import serve
 
             with serve(create_app(settings, anchor)) as base:
                 browser_phase(store, bprompts, args, result, base)

@@ -4,7 +4,7 @@ One run, one model (the anchor's: SmolLM2-135M-Instruct Q4_1 by default), the sa
 for each hologram size (--sizes, in prompt tokens) the prompt is the model's chat template
 around a prefix of the corpus texts (bench/corpus.py, in list order), cut so the session's
 n_tokens is the target. The real anchor app serves pack, sessions and holograms on a loopback
-port; headless Chromium (WebGPU on SwiftShader here, tests/browser.py) runs the engine.
+port; headless Chromium (WebGPU on SwiftShader here, server/headless.py) runs the engine.
 
   1. WGSL engine (client_web/resonator.js): pack fetch + loadPack once; per size the
      hologram fetch, its parse (holo.js) and addHologram (parse + GPU decompression), then
@@ -258,7 +258,7 @@ JS_PROBE = """async ([src, rows, cols, reps, perSubmit, timeoutMs]) => {
 
 def web_phase(base: str, sessions: dict[int, dict], args) -> dict:
     """Everything measured in the browser: one page, one engine, every size, then the probe."""
-    from tests.browser import launch
+    from hpi.headless import launch
 
     out: dict = {"sizes": {}, "console_errors": [], "error": None}
     timeout_ms = int(args.timeout * 1000)
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
     from hpi.app import create_app
     from hpi.config import Settings
     from hpi.models import load_model
-    from tests.browser import chromium_path, serve
+    from hpi.headless import chromium_path, serve
 
     if not (REPO / "client_web" / "holo.js").is_file():
         log("warning: client_web/holo.js is missing; the browser part will fail")

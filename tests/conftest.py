@@ -40,7 +40,7 @@ def smollm_anchor(smollm):
 @pytest.fixture(scope="session")
 def browser():
     """Headless Chromium with WebGPU on SwiftShader, shared by the browser tests."""
-    from tests.browser import launch
+    from hpi.headless import launch
     with launch() as b:
         yield b
 
@@ -52,7 +52,7 @@ def tiny_server(tiny, tmp_path_factory):
     from hpi.anchor import Anchor
     from hpi.app import create_app
     from hpi.config import Settings
-    from tests.browser import serve
+    from hpi.headless import serve
     anchor = Anchor(tiny)
     settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("tiny-sessions")))
     with serve(create_app(settings, anchor)) as url:
@@ -64,7 +64,7 @@ def smollm_server(smollm_anchor, tmp_path_factory):
     """The real anchor app on SmolLM2: (base URL, anchor); session transcripts as for tiny_server."""
     from hpi.app import create_app
     from hpi.config import Settings
-    from tests.browser import serve
+    from hpi.headless import serve
     settings = Settings(sessions_dir=str(tmp_path_factory.mktemp("smollm-sessions")))
     with serve(create_app(settings, smollm_anchor)) as url:
         yield url, smollm_anchor

@@ -523,7 +523,7 @@ def api(tiny_anchor, tmp_path_factory):
     completions kept short."""
     from hpi.app import create_app
     from hpi.config import Settings
-    from tests.browser import serve
+    from hpi.headless import serve
     root = tmp_path_factory.mktemp("fuzz-api")
     settings = Settings(sessions_dir=str(root / "sessions"), memories_dir=str(root / "memories"),
                         max_sessions=100_000, client_share=1.0, max_memories=100_000, max_new_tokens=16)

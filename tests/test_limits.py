@@ -21,7 +21,7 @@ from hpi.app import create_app
 from hpi.config import Settings
 from hpi.metrics import METRICS
 from tests.app_client import app_client
-from tests.browser import serve
+from hpi.headless import serve
 from tests.http_errors import assert_error
 from tests.syncing import create, send, sync_answer
 

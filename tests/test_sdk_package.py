@@ -22,7 +22,7 @@ import pytest
 
 from hpi.app import create_app
 from hpi.config import Settings
-from tests.browser import serve
+from hpi.headless import serve
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm to pack the SDK")]

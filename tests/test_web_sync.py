@@ -13,7 +13,7 @@ import pytest
 from hpi import completions
 from hpi.app import create_app
 from hpi.config import Settings
-from tests.browser import serve
+from hpi.headless import serve
 from tests.test_web_page import PROMPT, Page
 
 pytestmark = pytest.mark.browser

@@ -1,4 +1,5 @@
-"""Real-browser test support: the anchor app on a loopback port and headless Chromium with WebGPU.
+"""Headless Chromium with WebGPU, and the anchor app on a loopback port: for the tests and the
+benchmarks of the page (Playwright, a test extra, is imported only when a browser is launched).
 
 WebGPU runs on SwiftShader (CPU Vulkan) with the flags of DESIGN.md §5. The browser is
 Debian's /usr/bin/chromium (or HPI_CHROMIUM); elsewhere Playwright's own build is used.
