@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 from bench import resonator as resonator_bench
 from bench.resonator import files_digest, git_rev, log, machine
 
-CODE_FILES = ("server/verify.py", "server/sessions.py", "server/anchor.py", "server/resonator.py",
+CODE_FILES = ("server/verify.py", "server/reconcile.py", "server/sessions.py", "server/anchor.py", "server/resonator.py",
               "protocol/frames.py", "server/spectral.py", "server/hologram.py")
 ENGINE_FILES = ("client_web/resonator.js", "client_web/holo.js", "shaders")
 SAMPLED_TEMPERATURE = 0.7
