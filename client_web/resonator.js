@@ -35,7 +35,6 @@ const PLANES = {
 const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
 const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
 const SAMPLE_SPAN = 4096;  // logits per sample.wgsl `scan` workgroup (64 invocations x 64)
-const STATE_BYTES = 32;
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
 
 const align = (n, a) => Math.ceil(n / a) * a;
@@ -55,6 +54,35 @@ export function bindingSlots(code, label) {
     slots[name] = Number(slot);
   }
   return slots;
+}
+
+const SCALAR_SETTERS = { u32: 'setUint32', i32: 'setInt32', f32: 'setFloat32' };
+
+/**
+ * The byte layout of each struct the WGSL declares, by name. Every field is a 4-byte scalar, so
+ * a field's offset is 4 times its place; the JS writes structs through these layouts, so the
+ * order of the fields is written only in the WGSL.
+ */
+export function structLayouts(code, label) {
+  const layouts = {};
+  for (const [, name, body] of code.replace(/\/\/.*$/gm, '').matchAll(/struct\s+(\w+)\s*\{([^}]*)\}/g)) {
+    const fields = body.split(',').map((f) => f.trim()).filter(Boolean).map((f, i) => {
+      const [field, type] = f.split(':').map((x) => x.trim());
+      if (!SCALAR_SETTERS[type]) throw new Error(`${label}: ${name}.${field} is ${type}, not a 4-byte scalar`);
+      return { field, type, offset: 4 * i };
+    });
+    layouts[name] = { name, fields, size: 4 * fields.length };
+  }
+  return layouts;
+}
+
+/** Write `values` (by field name; `_`-named padding is 0) as struct `layout` at byte `at` of `view`. */
+export function writeStruct(layout, values, view, at = 0) {
+  for (const { field, type, offset } of layout.fields) {
+    const v = field.startsWith('_') ? 0 : values[field];
+    if (v === undefined) throw new Error(`${layout.name}.${field}: no value`);
+    view[SCALAR_SETTERS[type]](at + offset, v, true);
+  }
 }
 
 function concatBytes(views) {
@@ -104,6 +132,7 @@ export class Resonator {
   constructor(device, sources, opts) {
     this.device = device;
     this.sources = sources;
+    this.structs = structLayouts(Object.values(sources).join('\n'), 'shaders');
     this.opts = opts;
     this.adapter = opts.adapter;
     this.pipelines = new Map();
@@ -137,8 +166,12 @@ export class Resonator {
     return this.buffer(data.byteLength, STORAGE | COPY_DST, data);
   }
 
-  uniform(words) {
-    return this.buffer(words.byteLength, UNIFORM, words);
+  /** A uniform buffer holding the shaders' struct `name`, its fields from `values` by name. */
+  params(name, values) {
+    const layout = this.structs[name];
+    const bytes = new DataView(new ArrayBuffer(align(layout.size, 16)));
+    writeStruct(layout, values, bytes);
+    return this.buffer(bytes.byteLength, UNIFORM, bytes);
   }
 
   /**
@@ -228,7 +261,7 @@ export class Resonator {
     const staged = { xi: this.xi, xsum: this.xsum };
     return [[`${name}`, stage, this.bind(stage, { x, norm_w: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
       const n = c.rows;
-      const p = this.uniform(new Uint32Array([n, c.row0, mode === 2 ? n : 0, 0]));
+      const p = this.params('GemvParams', { rows: n, y0: c.row0, up: mode === 2 ? n : 0 });
       return [name, pipe, this.bind(pipe, { ...c.planes, y, p, ...staged }), Math.ceil(n / (4 * g.WG)), 1];
     })];
   }
@@ -278,7 +311,7 @@ export class Resonator {
     this.tensors = null;  // the pack's bytes can go: everything lives on the GPU now
 
     const nb = (n) => this.buffer(n * 4, STORAGE | COPY_DST | COPY_SRC);
-    this.state = nb(STATE_BYTES / 4);
+    this.state = nb(align(this.structs.State.size, 16) / 4);
     this.x = nb(DM);
     this.qkvOut = nb((H + 2 * G) * DH);
     this.attnOut = nb(ATTN_SLICES * H * DH);
@@ -338,7 +371,7 @@ export class Resonator {
     const dims = { H, G, DH };
     const embed = this.pipeline('embed', { C: DM }, { scheme: this.embed.scheme });
     this.embedPlan = this.embed.chunks.map((c) => ['embed', embed, this.bind(embed, {
-      ...c.planes, state: this.state, chunk: this.uniform(new Uint32Array([c.row0, c.rows, 0, 0])), x: this.x,
+      ...c.planes, state: this.state, chunk: this.params('Chunk', { row0: c.row0, rows: c.rows }), x: this.x,
     }), 1, 1]);
     const rope = this.pipeline('rope_append', dims);
     const scores = this.pipeline('attn_scores', { ...dims, SCALE: Math.fround(1 / Math.sqrt(DH)) });
@@ -391,10 +424,9 @@ export class Resonator {
   }
 
   writeState({ pos, token, step = 0, seed = 0, temperature = 0 }) {
-    const s = new ArrayBuffer(STATE_BYTES);
-    new Uint32Array(s, 0, 4).set([pos, token, step, seed >>> 0]);
-    new Float32Array(s, 16, 1)[0] = temperature;
-    this.device.queue.writeBuffer(this.state, 0, s);
+    const s = new DataView(new ArrayBuffer(this.structs.State.size));
+    writeStruct(this.structs.State, { pos, token, step, seed: seed >>> 0, temperature }, s);
+    this.device.queue.writeBuffer(this.state, 0, s.buffer);
   }
 
   async read(buffer, bytes, offset = 0) {
@@ -441,25 +473,25 @@ export class Resonator {
       const f16s = keep(this.upload(concatBytes([head, tail, x('svd_vt')])));
       const codes = keep(this.upload(concatBytes([x('codes'), new Uint8Array(4)])));  // codes4 reads a word past
       const rank = x('rank'), step = x('step'), basis = x('basis');
-      const table = new ArrayBuffer(L * G * 20);
-      const u = new Uint32Array(table), f = new Float32Array(table);
+      const Block = this.structs.Block;
+      const table = new DataView(new ArrayBuffer(L * G * Block.size));
       for (let b = 0, at = 0, svdRow = 0; b < L * G; b++) {
-        u.set([at, rank[b], 0, basis[b], svdRow], b * 5);
-        f[b * 5 + 2] = step[b];
+        writeStruct(Block, { codes_at: at, rank: rank[b], step: step[b], basis: basis[b], svd_row: svdRow }, table,
+          b * Block.size);
         at += rank[b] * M;
         if (basis[b] === 2) svdRow += rank[b];
       }
-      const blocks = keep(this.upload(new Uint8Array(table)));
+      const blocks = keep(this.upload(table));
       const cal = this.calib[kind];
       const B = keep(this.buffer(L * G * DH * DH * 4, STORAGE));
       pass.setPipeline(basisPipe);
-      pass.setBindGroup(0, this.bind(basisPipe, { p: keep(this.uniform(new Uint32Array([head.length + tail.length,
-        cal.unwhitenAt, 0, 0]))), f16s, blocks, calib: cal.buffer, basis: B }));
+      const bp = keep(this.params('BasisParams', { svd_at: head.length + tail.length, unwhiten_at: cal.unwhitenAt }));
+      pass.setBindGroup(0, this.bind(basisPipe, { p: bp, f16s, blocks, calib: cal.buffer, basis: B }));
       pass.dispatchWorkgroups(Math.ceil(DH * DH / 64), L * G);
       if (T === 0) continue;
       for (let l = 0; l < L; l++) {
-        const p = keep(this.uniform(new Uint32Array([l, m.start, s, t, T, kind === 'k' ? 1 : 0, head.length,
-          cal.meanAt])));
+        const p = keep(this.params('UnpackParams', { layer: l, start: m.start, head: s, tail: t, total: T,
+          is_key: kind === 'k' ? 1 : 0, tail_at: head.length, mean_at: cal.meanAt }));
         const cache = this.cache[l][kind];
         for (const [pipe, items, group] of [
           [exact, s + t, { p, f16s, cache }],

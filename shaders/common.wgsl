@@ -1,7 +1,7 @@
 // Declarations several kernels share, prepended to every kernel by client_web/resonator.js
 // (before the weight scheme, if the kernel takes one), so that each layout is written once.
-// The JS side writes these layouts too: keep Resonator.writeState and the blocks table of
-// Resonator.addHologram in step with them.
+// The JS side reads every struct's layout from the WGSL (structLayouts in resonator.js) and
+// writes fields by name, so a field is placed only here: keep fields 4-byte scalars.
 
 // The decode state, on the GPU so a batch of steps needs no writes between them: the position
 // of the token fed, that token, the step of the batch (sample.wgsl's `pick` records the chosen
