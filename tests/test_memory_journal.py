@@ -102,7 +102,7 @@ def test_a_torn_last_record_is_dropped(make_client, tmp_path, tail):
     assert answers(make_client(), h)[1]["patterns"] == before[1]["patterns"] + 2
 
 
-def test_a_damaged_record_before_the_end_is_reported(make_client, tmp_path):
+def test_a_damaged_record_before_the_end_is_reported(make_client, tmp_path, caplog):
     first = make_client()
     h = create(first)["auth"]
     learn_some(first, h, 0, n=3)
@@ -112,7 +112,7 @@ def test_a_damaged_record_before_the_end_is_reported(make_client, tmp_path):
     log.write_bytes(bytes(data))
     r = make_client().get("/v1/memories/notes/stats", headers=h)
     assert_error(r, 409, "memory_corrupted")
-    assert "checksum" in r.json()["error"]["message"]
+    assert "checksum" in caplog.text  # why is logged for the operator; the client is told to delete it
 
 
 def test_records_round_trip_and_a_stale_journal_reads_as_none(tmp_path):
