@@ -8,7 +8,7 @@ import { Session } from './session.js';
 /**
  * Check this browser, load the model pack onto the GPU and resolve to a ready engine.
  * Options (README.md): anchor, apiKey, model, mode ('gpu' | 'server'), onProgress,
- * onDeviceLost, onWarning, database, draftSize, maxProvisional, shaderBase, batch, gemv, drift.
+ * onDeviceLost, onWarning, database, draftSize, maxProvisional, shaderBase, batch, gemv, layout, drift.
  */
 export async function createEngine(options = {}) {
   const runtime = new Runtime(options);
@@ -41,7 +41,7 @@ class Engine {
   /** 'gpu' (drafted here, confirmed by the anchor) or 'server' (the anchor writes alone). */
   get mode() { return this.#rt.mode; }
 
-  /** packFrom, hologramFrom ('network' | 'IndexedDB'), hologramBytes, tokensPerSecond. */
+  /** packFrom, hologramFrom ('network' | 'IndexedDB'), hologramBytes, tokensPerSecond, layout (the gemv layout). */
   get stats() { return this.#rt.stats; }
 
   /** The IndexedDB cache: `corruptions` (entries found damaged and fetched again), `usage()`. */
@@ -58,6 +58,9 @@ class Engine {
 
   /** "vendor / architecture" of the GPU adapter. */
   get adapter() { return this.#rt.gpu?.adapter; }
+
+  /** The gemv layout the GPU engine runs: 'cpu' (software adapters) or 'gpu' (null in server mode). */
+  get layout() { return this.#rt.gpu?.layout ?? null; }
 
   /** Release the GPU device. */
   destroy() { this.#rt.gpu?.destroy(); }

@@ -17,7 +17,7 @@ import { WebGPUUnavailable } from './errors.js';
 import { loadHologram } from './holo.js';
 
 // common.wgsl is the prelude of every kernel (shaders/README.md).
-const SHADERS = ['common', 'q4_1', 'q8_0', 'gemv', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values',
+const SHADERS = ['common', 'q4_1', 'q8_0', 'gemv', 'gemv_wg', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values',
   'sample', 'holo_basis', 'holo_unpack'];
 // The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes, by
 // the scheme's WGSL variable names: Q4_1 puts a block's f16 scale and minimum in one word;
@@ -38,6 +38,28 @@ const SAMPLE_SPAN = 4096;  // logits per sample.wgsl `scan` workgroup (64 invoca
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
 
 const align = (n, a) => Math.ceil(n / a) * a;
+
+// The gemv layouts (shaders/README.md): 'cpu' (gemv.wgsl `main`, four whole rows per
+// invocation, barrier-free) for software adapters, 'gpu' (gemv_wg.wgsl, a workgroup per few
+// rows, a tree reduction over the input) for real GPUs.
+export const LAYOUTS = ['cpu', 'gpu'];
+const SOFTWARE_ADAPTER = /swiftshader|llvmpipe|lavapipe|software|basic render/i;
+const GPU_WG = 64;         // gemv_wg.wgsl: invocations per workgroup
+const MAX_GROUPS_X = 65535;  // WebGPU's default maxComputeWorkgroupsPerDimension
+
+/** Whether `adapter` is a fallback or software (CPU-emulated) adapter. */
+export function isSoftwareAdapter(adapter) {
+  const info = adapter.info || {};
+  if (adapter.isFallbackAdapter || info.isFallbackAdapter) return true;
+  return SOFTWARE_ADAPTER.test([info.vendor, info.architecture, info.device, info.description].join(' '));
+}
+
+/** gemv_wg.wgsl's invocations per row for input length `cols`: a power of two <= 32 and <= its blocks. */
+export function rowThreads(cols) {
+  let tpr = 4;
+  while (tpr < 32 && 2 * tpr <= cols / 32) tpr *= 2;
+  return tpr;
+}
 
 /**
  * The binding slot of each group-0 variable a WGSL module declares, by name. The slot numbers
@@ -101,7 +123,8 @@ export class Resonator {
    * split into chunks of at most `maxWeightBytes` per plane (default: the adapter's limit).
    */
   static async create({ shaderBase = new URL('./shaders/', import.meta.url), gemv = {}, batch = 4,
-    maxWeightBytes = Infinity } = {}) {
+    maxWeightBytes = Infinity, layout = null } = {}) {
+    if (layout !== null && !LAYOUTS.includes(layout)) throw new TypeError(`layout is 'cpu' or 'gpu', not ${layout}`);
     if (!('gpu' in navigator)) {
       throw new WebGPUUnavailable('This browser does not offer WebGPU (navigator.gpu is missing).');
     }
@@ -122,6 +145,7 @@ export class Resonator {
     })));
     const info = adapter.info || {};
     return new Resonator(device, sources, {
+      layout: layout ?? (isSoftwareAdapter(adapter) ? 'cpu' : 'gpu'),
       gemv: { WG: 16, ...gemv }, batch,
       bindingBytes: Math.min(lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       weightBytes: Math.min(maxWeightBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
@@ -135,6 +159,7 @@ export class Resonator {
     this.structs = structLayouts(Object.values(sources).join('\n'), 'shaders');
     this.opts = opts;
     this.adapter = opts.adapter;
+    this.layout = opts.layout || 'cpu';  // the gemv layout: 'cpu' (gemv.wgsl) or 'gpu' (gemv_wg.wgsl)
     this.pipelines = new Map();
     this.slots = new WeakMap();  // pipeline -> bindingSlots of its module
     this.position = 0;
@@ -252,17 +277,27 @@ export class Resonator {
     });
   }
 
-  /** Dispatches of y = W x (see gemv.wgsl), one per row chunk. */
+  /**
+   * Dispatches of y = W x, one per row chunk: gemv.wgsl's `stage`, then its `main` (layout
+   * 'cpu') or gemv_wg.wgsl's (layout 'gpu').
+   */
   gemv(name, m, { x, y, norm = null, mode = 0, slices = 1 }) {
     const g = this.opts.gemv;
     const stage = this.pipeline('gemv', { C: m.cols, NORM: norm ? 1 : 0, EPS: this.cfg.eps, SLICES: slices },
       { scheme: m.scheme, entry: 'stage' });
-    const pipe = this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
+    const gpu = this.layout === 'gpu';
+    const tpr = rowThreads(m.cols);
+    const pipe = gpu
+      ? this.pipeline('gemv_wg', { C: m.cols, WG: GPU_WG, TPR: tpr, MODE: mode }, { scheme: m.scheme })
+      : this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
     const staged = { xi: this.xi, xsum: this.xsum };
     return [[`${name}`, stage, this.bind(stage, { x, norm_w: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
       const n = c.rows;
       const p = this.params('GemvParams', { rows: n, y0: c.row0, up: mode === 2 ? n : 0 });
-      return [name, pipe, this.bind(pipe, { ...c.planes, y, p, ...staged }), Math.ceil(n / (4 * g.WG)), 1];
+      const group = this.bind(pipe, { ...c.planes, y, p, ...staged });
+      if (!gpu) return [name, pipe, group, Math.ceil(n / (4 * g.WG)), 1];
+      const groups = Math.ceil(n / (GPU_WG / tpr));
+      return [name, pipe, group, Math.min(groups, MAX_GROUPS_X), Math.ceil(groups / MAX_GROUPS_X)];
     })];
   }
 

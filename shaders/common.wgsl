@@ -11,3 +11,7 @@ struct State { pos: u32, token: u32, step: u32, seed: u32, temperature: f32 }
 // A coded block of a hologram (one per layer and KV head, layer-major): byte offset of its
 // codes, rank, quantization step, basis code (0 raw, 1 pca, 2 svd), first row of its svd basis.
 struct Block { codes_at: u32, rank: u32, step: f32, basis: u32, svd_row: u32 }
+
+// A gemv dispatch (gemv.wgsl, gemv_wg.wgsl): the rows it computes (for MODE 2: gate rows; up
+// rows follow them), the index in y of its first row, and MODE 2's offset of the up rows in W.
+struct GemvParams { rows: u32, y0: u32, up: u32, _pad: u32 }

@@ -19,12 +19,7 @@ override NORM: bool = false;  // x <- x * rsqrt(mean(x^2) + EPS) * norm_w before
 override SLICES: u32 = 1u;    // x arrives as SLICES partial sums, one after the other
 override EPS: f32 = 1e-5;
 
-struct GemvParams {
-  rows: u32,   // rows computed by this dispatch (for MODE 2: gate rows; up rows follow them)
-  y0: u32,     // index in y of this chunk's first row
-  up: u32,     // MODE 2: offset of the up rows in W
-  _pad: u32,
-}
+// GemvParams (common.wgsl): this dispatch's rows, y index of its first row, MODE 2's up offset.
 
 @group(0) @binding(3) var<storage, read> x: array<f32>;  // [SLICES, C]
 @group(0) @binding(4) var<storage, read> norm_w: array<f32>;

@@ -156,7 +156,7 @@ def test_every_frame_the_page_sends_and_receives_is_in_the_schema(context, ancho
 
 SHADERS = Path(str(files("hpi.shaders")))
 SCHEMES = ("q4_1", "q8_0")  # weight schemes, prepended to the kernels that read weights
-WEIGHTED = ("embed", "gemv")
+WEIGHTED = ("embed", "gemv", "gemv_wg")
 
 
 # A struct that several kernels use is in common.wgsl; a kernel's own structs are named for it,

@@ -6,6 +6,11 @@ different orders: every f32 dot product differs in its last bits, and 2 (tiny) o
 (SmolLM2) layers carry that forward. The kernels' own math is checked piece by piece too:
 hologram decompression against server/spectral.py, the sampling hash bit for bit against
 server/sampling.py.
+
+The parity tests run both gemv layouts (client_web/resonator.js): 'cpu' (gemv.wgsl, which
+the engine picks on a software adapter such as SwiftShader) and 'gpu' (gemv_wg.wgsl, a
+workgroup per few rows with a tree reduction, picked on real GPUs); they sum in different
+orders, so each is held to the same bar: equal tokens, logits within LOGIT_TOL.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ ENGINE = """async ([sid, token, opts, runs]) => {
     out.runs.push({ tokens: [...first, ...rest], logits });
   }
   out.chunks = { embed: r.embed.chunks.length, lm_head: r.lmHead.chunks.length };
+  out.layout = r.layout;
   r.destroy();
   return out;
 }"""
@@ -108,21 +114,51 @@ def check_parity(anchor, holo: bytes, out: dict, runs: list[dict]) -> None:
 
 
 RUNS = [{"n": 32, "stopAtEos": False}, {"n": 32, "temperature": 0.8, "seed": 1234, "stopAtEos": False}]
+LAYOUTS = ("cpu", "gpu")
 
 
-def test_tiny_model_parity_greedy_and_sampled(browser, tiny_server):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tiny_model_parity_greedy_and_sampled(browser, tiny_server, layout):
     base, anchor = tiny_server
     s = new_session(base)
-    out = run_engine(browser, base, s, RUNS)
+    out = run_engine(browser, base, s, RUNS, layout=layout)
+    assert out["layout"] == layout
     check_parity(anchor, session_hologram(base, s), out, RUNS)
 
 
-def test_buffers_split_to_the_binding_limit_give_the_same_tokens(browser, tiny_server):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_buffers_split_to_the_binding_limit_give_the_same_tokens(browser, tiny_server, layout):
     base, anchor = tiny_server
     s = new_session(base)
-    small = run_engine(browser, base, s, RUNS[:1], maxWeightBytes=4096)
+    small = run_engine(browser, base, s, RUNS[:1], maxWeightBytes=4096, layout=layout)
     assert small["chunks"]["embed"] > 1 and small["chunks"]["lm_head"] > 1
     check_parity(anchor, session_hologram(base, s), small, RUNS[:1])
+
+
+def test_layout_is_picked_from_the_adapter(browser, tiny_server):
+    page = browser.new_page()
+    try:
+        page.goto(f"{tiny_server[0]}/client/README.md")
+        out = page.evaluate("""async () => {
+          const { Resonator, isSoftwareAdapter } = await import('/client/resonator.js');
+          const r = await Resonator.create();
+          const a = await navigator.gpu.requestAdapter();
+          const fake = (info, fallback = false) => isSoftwareAdapter({ info, isFallbackAdapter: fallback });
+          const out = { picked: r.layout, software: isSoftwareAdapter(a), info: { ...a.info },
+            nvidia: fake({ vendor: 'nvidia', architecture: 'hopper' }),
+            llvmpipe: fake({ vendor: 'mesa', architecture: '', device: 'llvmpipe (LLVM 15.0.6, 256 bits)' }),
+            fallback: fake({ vendor: 'apple', architecture: 'metal-3' }, true) };
+          r.destroy();
+          let refused = null;
+          try { await Resonator.create({ layout: 'tpu' }); } catch (e) { refused = e.name; }
+          return { ...out, refused };
+        }""")
+    finally:
+        page.close()
+    # SwiftShader, what Chromium runs WebGPU on here, is a software adapter: the 'cpu' layout.
+    assert out["software"] and out["picked"] == "cpu", out["info"]
+    assert (out["nvidia"], out["llvmpipe"], out["fallback"]) == (False, True, True)
+    assert out["refused"] == "TypeError"
 
 
 def test_sampling_noise_is_bit_identical(browser, tiny_server):
@@ -152,9 +188,11 @@ def test_sampling_noise_is_bit_identical(browser, tiny_server):
 
 
 @pytest.mark.real_model
-def test_smollm2_parity(browser, smollm_server):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_smollm2_parity(browser, smollm_server, layout):
     base, anchor = smollm_server
     s = new_session(base)
     runs = [{"n": 32, "stopAtEos": False}, {"n": 8, "temperature": 0.7, "seed": 7, "stopAtEos": False}]
-    out = run_engine(browser, base, s, runs, batch=8)
+    out = run_engine(browser, base, s, runs, batch=8, layout=layout)
+    assert out["layout"] == layout
     check_parity(anchor, session_hologram(base, s), out, runs)
