@@ -15,7 +15,7 @@ const DEFAULT_DRAFT = 16;  // bench/reconcile.py: see docs/reconcile.md
 export class Runtime {
   constructor({ anchor = location.origin, apiKey = null, model = null, mode = 'gpu', onProgress = () => {},
     onDeviceLost = () => {}, onWarning = (message) => console.warn(message), database = 'hpi',
-    draftSize = DEFAULT_DRAFT, maxProvisional = 256, shaderBase = new URL('./shaders/', import.meta.url).href,
+    draftSize = DEFAULT_DRAFT, maxProvisional = 256, shaderBase,
     batch = 4, gemv = {}, layout = null, drift = false } = {}) {
     if (mode !== 'gpu' && mode !== 'server') throw new TypeError(`mode is 'gpu' or 'server', not ${mode}`);
     this.anchor = new AnchorClient(anchor, apiKey);
