@@ -21,6 +21,7 @@
 //
 // Node's fetch cannot read file: URLs, so this script answers them itself (the shaders are
 // loaded from the repo's shaders/ folder by file URL); resonator.js is imported as it is.
+// --client / --shaders run another copy of the engine (say, an older commit's) on the same files.
 
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
@@ -47,11 +48,14 @@ const HELP = `usage: node bench/gpu/gpu_kernels.mjs --files DIR [options]
   --adapter MODE       auto | system | swiftshader (default auto)
   --dawn FLAG          a Dawn option for create() (repeatable), e.g. --dawn backend=vulkan
   --out FILE           JSON result (default DIR/gpu_kernels.json)
+  --client DIR         the engine's folder, resonator.js in it (default: the repo's client_web)
+  --shaders DIR        its WGSL folder (default: the repo's shaders), e.g. both from an older commit
   --no-install         never run npm; fail if bench/gpu/node_modules/webgpu is missing`;
 
 function parseArgs(argv) {
   const a = { ctx: null, new: 16, warmup: 2, batch: 4, profileRepeats: 3, layouts: null, probeMb: null,
-    adapter: 'auto', dawn: [], out: null, install: true, files: null };
+    adapter: 'auto', dawn: [], out: null, install: true, files: null,
+    client: join(REPO, 'client_web'), shaders: join(REPO, 'shaders') };
   const num = (v, k) => {
     const n = Number(v);
     if (!Number.isInteger(n) || n < 0) throw new Error(`${k} takes a whole number, not ${v}`);
@@ -72,6 +76,8 @@ function parseArgs(argv) {
       case '--dawn': a.dawn.push(v()); break;
       case '--out': a.out = resolve(v()); break;
       case '--no-install': a.install = false; break;
+      case '--client': a.client = resolve(v()); break;
+      case '--shaders': a.shaders = resolve(v()); break;
       case '-h': case '--help': console.log(HELP); process.exit(0); break;
       default: throw new Error(`unknown argument ${k}\n${HELP}`);
     }
@@ -199,16 +205,16 @@ async function copyBandwidth(device, bindingSlots, bytes, reps = 5, perSubmit = 
 }
 
 /** The gemv layouts resonator.js declares (`LAYOUTS = ['a', 'b']`), or [null]: its default only. */
-function engineLayouts(mod) {
+function engineLayouts(mod, client) {
   if (Array.isArray(mod.LAYOUTS)) return mod.LAYOUTS;
-  const src = readFileSync(join(REPO, 'client_web', 'resonator.js'), 'utf8');
+  const src = readFileSync(join(client, 'resonator.js'), 'utf8');
   const m = src.match(/\bLAYOUTS\s*=\s*\[([^\]]*)\]/);
   const names = m ? [...m[1].matchAll(/'(\w+)'|"(\w+)"/g)].map((x) => x[1] || x[2]) : [];
   return names.length ? names : [null];
 }
 
 async function runLayout(Resonator, layout, pack, info, contexts, args) {
-  const opts = { shaderBase: pathToFileURL(join(REPO, 'shaders')).href + '/', batch: args.batch };
+  const opts = { shaderBase: pathToFileURL(args.shaders).href + '/', batch: args.batch };
   if (layout) opts.layout = layout;
   let t0 = performance.now();
   const r = await Resonator.create(opts);
@@ -217,7 +223,7 @@ async function runLayout(Resonator, layout, pack, info, contexts, args) {
   await r.loadPack(pack, info.pack_hash);
   await r.device.queue.onSubmittedWorkDone();
   const out = { layout: r.layout ?? layout ?? 'default', loadPackMs: performance.now() - t0,
-    bytesPerToken: r.bytesPerToken, contexts: {}, errors };
+    bytesPerToken: r.bytesPerToken, cfg: r.cfg, contexts: {}, errors };
   log(`layout ${out.layout}: loadPack ${out.loadPackMs.toFixed(0)} ms; ${(out.bytesPerToken / 1e6).toFixed(3)} MB of weights per token`);
   const gen = { temperature: 0, seed: 0, stopAtEos: false };
   for (const ctx of contexts) {
@@ -304,7 +310,7 @@ async function main() {
   const gpu = await setUpGpu(webgpu, args);
   globalThis.navigator = { gpu };
   fetchFileUrls();
-  const engine = await import(pathToFileURL(join(REPO, 'client_web', 'resonator.js')).href);
+  const engine = await import(pathToFileURL(join(args.client, 'resonator.js')).href);
 
   const adapter = await gpu.requestAdapter();
   const ai = adapter.info || {};
@@ -318,8 +324,12 @@ async function main() {
     + `fallback ${adapterInfo.isFallbackAdapter}; timestamp-query ${adapter.features.has('timestamp-query')}`);
 
   const pack = readFileSync(join(args.files, info.pack));
-  const layouts = args.layouts || engineLayouts(engine);
-  const result = { adapter: adapterInfo, node: process.version,
+  const layouts = args.layouts || engineLayouts(engine, args.client);
+  // What the engine picks on this adapter when the page does not say (null: it has no choice).
+  const chooser = await engine.Resonator.create({ shaderBase: pathToFileURL(args.shaders).href + '/' });
+  const chosenLayout = chooser.layout ?? null;
+  chooser.destroy();
+  const result = { adapter: adapterInfo, chosenLayout, client: args.client, shaders: args.shaders, node: process.version,
     webgpu: JSON.parse(readFileSync(join(HERE, 'node_modules', 'webgpu', 'package.json'), 'utf8')).version,
     cpu: `${cpus()[0]?.model} x ${cpus().length}`, loadAvgStart: loadavg()[0],
     vkIcd: process.env.VK_ICD_FILENAMES || null, model: info.model, packHash: info.pack_hash, packBytes: pack.byteLength,
