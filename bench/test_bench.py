@@ -170,3 +170,56 @@ def test_fidelity_metrics_and_sweep():
     for quick in (False, True):
         names = [s.name for s in fidelity.codec_sweep(quick)]
         assert len(names) == len(set(names)) and all(n.startswith("codec/") for n in names)
+
+
+def _runner_result():
+    """A bench/gpu/gpu_kernels.mjs result of the shape bench/layouts.py reads (SmolLM2's shape)."""
+    cfg = {"V": 49152, "DM": 576, "L": 30, "H": 9, "G": 3, "DH": 64, "F": 1536, "eps": 1e-5}
+    ctx = {"positions": 256, "tokS": 2.0, "msPerToken": 500.0, "dispatchesPerToken": 365,
+           "profile": {"kernels": {"qkv": 50, "down": 100.5, "attn_scores": 20.0, "embed": 0.5, "sample": 1.0}}}
+    return {"bandwidth": {"gbS": 2.0},
+            "layouts": [{"layout": "cpu", "cfg": cfg, "bytesPerToken": 100_000_000, "contexts": {"256": ctx}},
+                        {"layout": "gpu", "cfg": cfg, "bytesPerToken": 100_000_000,
+                         "contexts": {"256": {**ctx, "profile": None}}}]}
+
+
+def test_layouts_bytes_and_bound_ratio():
+    from bench import layouts
+    cfg = _runner_result()["layouts"][0]["cfg"]
+    assert layouts.kv_bytes(cfg, 257) == 2 * 30 * 257 * 3 * 64 * 4  # K and V, f32, every layer
+    assert layouts.bound_ratio(100.0, 2e8, 2.0) == pytest.approx(1.0)  # 200 MB at 2 GB/s = 100 ms
+    assert layouts.bound_ratio(400.0, 2e8, 2.0) == pytest.approx(4.0)
+
+    cpu, gpu = layouts.cells(_runner_result())
+    kv = 2 * 30 * 257 * 3 * 64 * 4
+    assert (cpu["layout"], cpu["context"], cpu["dispatches"]) == ("cpu", 256, 365)
+    assert cpu["kvBytes"] == kv and cpu["bytes"] == 100_000_000 + kv
+    assert cpu["boundMs"] == pytest.approx((1e8 + kv) / 2e9 * 1e3)
+    assert cpu["boundRatio"] == pytest.approx(500.0 / cpu["boundMs"])
+    assert cpu["groups"] == {"gemv": 150.5, "attention": 20.0, "other": 1.5}
+    assert gpu["groups"] is None and gpu["kernels"] == {}
+
+
+def test_layouts_regression_ratio():
+    from bench import layouts
+    r = layouts.regression([2.0, 1.0, 3.0], [2.0, 2.5, 2.2])
+    assert (r["headMedian"], r["baseMedian"]) == (2.0, 2.2)
+    assert r["ratio"] == pytest.approx(2.0 / 2.2) and not r["ok"]  # 0.909 < 0.95
+    assert layouts.regression([1.9, 1.95], [2.0, 2.0])["ok"]  # 0.9625
+    assert layouts.regression([1.9], [2.0])["ok"]  # exactly 0.95 meets the target
+
+
+def test_layouts_tables_align():
+    from bench import layouts
+    rows = layouts.cells(_runner_result())
+    text = layouts.cell_table(rows)
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("layout  context")
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule as wide as each other
+    assert lines[2].split()[:4] == ["cpu", "256", "2.00", "500.00"] and lines[3].split()[-3:] == ["–"] * 3
+    assert lines[0].index("tok/s") + len("tok/s") == lines[2].index("2.00") + len("2.00")  # numbers to the right
+    kernels = layouts.kernel_table(rows).splitlines()
+    assert len(kernels) == 3  # the gpu row has no profile
+    assert kernels[0].split()[2:7] == ["qkv", "wo", "gate_up", "down", "lm_head"]
+    assert kernels[2].split()[2] == "50.00"
+    assert layouts.format_table(["a", "n"], [["x", 1234], ["yy", 5]]).splitlines()[2:] == ["x   1,234", "yy      5"]
