@@ -120,10 +120,11 @@ def plain_decode(lm, ids: list[int], max_tokens: int, temperature: float, seed: 
     """hpi.completions.decode with CPU and wall stamps after each token (the first one
     comes from the prefill's logits, so stamp 0 closes the prefill)."""
     from hpi.completions import decode
+    from hpi.sampling import Sampling
 
     tokens, cpu, wall = [], [], []
     c0, w0 = time.process_time(), time.perf_counter()
-    for t in decode(lm, ids, max_tokens, temperature, seed):
+    for t in decode(lm, ids, max_tokens, Sampling(temperature, seed)):
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
         tokens.append(t)
@@ -149,8 +150,10 @@ class PythonDrafter:
 
     def __init__(self, pack: bytes):
         from hpi.resonator import Resonator
+        from hpi.sampling import Sampling
 
         self.r = Resonator(pack)
+        self.sampling = Sampling
 
     def start(self, holo: bytes) -> None:
         self.r.past, self.r.position, self.r.next_id = None, 0, None
@@ -160,7 +163,7 @@ class PythonDrafter:
         import torch
 
         with torch.inference_mode():
-            return self.r.generate(k, temperature, seed)
+            return self.r.generate(k, self.sampling(temperature, seed))
 
     def adopt(self, drafts: list[int], accepted: int, token: int) -> None:
         import torch

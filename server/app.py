@@ -45,6 +45,7 @@ from hpi.metrics import METRICS
 from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy
 from hpi.models import load_model
 from hpi.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
+from hpi.sampling import Sampling
 from hpi.session_state import EncodedSegment, Session
 from hpi.sessions import SessionStore
 from hpi.transcripts import CHECKPOINT_NAME
@@ -385,7 +386,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         response.headers[SESSION_HEADER] = f.id
         return Forked(session_id=f.id, token=f.token, shared_tokens=f.caches.anchor.frozen_tokens,
                       forked_from=ForkOrigin(session_id=session_id, checkpoint=body.checkpoint, position=position),
-                      sampling=f.sampling, **_trail_position(f))
+                      sampling=f.sampling and f.sampling.pair, **_trail_position(f))
 
     @app.post("/v1/sessions/{session_id}/messages", response_class=Response,
               responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}})
@@ -420,7 +421,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
                     if gone.is_set():  # its client left while it waited for a turn
                         return
                     deadline = time.monotonic() + settings.max_completion_seconds
-                    yield from completions.decode(lm, ids, limit, body.temperature, body.seed, deadline, gone)
+                    yield from completions.decode(lm, ids, limit, Sampling(body.temperature, body.seed), deadline, gone)
             finally:
                 place.release()
 

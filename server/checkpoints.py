@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from hpi.anchor import Anchor
 from hpi.errors import CheckpointExists, CheckpointNotFound, InvalidRequest, TooManyCheckpoints
 from hpi.session_durability import Durability
 from hpi.session_limits import Charge, SessionLimits
 from hpi.session_state import Session
+from hpi.sampling import GREEDY
 from hpi.transcripts import Checkpoint
 
 MAX_CHECKPOINTS = 64  # per session: each is a line of its transcript and of the page's list
@@ -84,9 +86,10 @@ class Checkpoints:
             raise InvalidRequest(f"token must be below the vocabulary size {vocab}")
         sampling = parent.sampling
         if temperature is not None or seed is not None:
-            base = parent.sampling or (0.0, 0)
-            sampling = (base[0] if temperature is None else temperature, base[1] if seed is None else seed)
-            if seed is not None and sampling[0] == 0:
+            base = parent.sampling or GREEDY
+            sampling = replace(base, temperature=base.temperature if temperature is None else temperature,
+                               seed=base.seed if seed is None else seed)
+            if seed is not None and sampling.temperature == 0:
                 raise InvalidRequest("a seed only changes sampled decoding: give a temperature above 0 too")
         self.sweep()
         self.limits.check_count(client)  # before the parent's prefix is frozen for a fork that may not be admitted

@@ -1,7 +1,7 @@
 """Plain anchor-only decoding: the server-side baseline the resonator is measured against.
 
 The anchor model decodes alone, one token per forward over its own KV cache, with the same
-token choice as every resonator (server/sampling.py): greedy, or Gumbel-max with a seed. Its
+token choice and the same end as every resonator (server/answer_rules.py, server/sampling.py). Its
 steps go through the model's batched forward (server/scheduler.py), so concurrent
 completions share forwards with each other and with verification, as the reconciled path
 does. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
@@ -14,29 +14,33 @@ import time
 from collections.abc import Iterator
 
 from hpi.anchor import prefill
+from hpi.answer_rules import AnswerRules
 from hpi.engine import Seq
 from hpi.metrics import METRICS
 from hpi.models import LoadedModel
-from hpi.sampling import choose
+from hpi.sampling import GREEDY, Sampling
 from hpi.trail import TrailCache
 
 
-def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-           seed: int = 0, deadline: float | None = None, stop: threading.Event | None = None) -> Iterator[int]:
-    """Token ids after the prompt, one at a time, until an end token (included), max_tokens,
-    the `deadline` (time.monotonic) or `stop` being set (its client went away).
+def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, sampling: Sampling = GREEDY,
+           deadline: float | None = None, stop: threading.Event | None = None) -> Iterator[int]:
+    """Token ids after the prompt, one at a time, until the answer ends (its last token
+    included: an end token, or the one that completes a stop text), max_tokens, the `deadline`
+    (time.monotonic) or `stop` being set (its client went away).
 
     The token at index i of the conversation is chosen with position i, as the resonator does.
     """
+    rules = AnswerRules(lm, sampling)
     cache = TrailCache(config=lm.config)
     logits = prefill(lm, cache, prompt_ids)
-    eos = set(lm.eos_token_ids)
     position = len(prompt_ids)
+    answer: list[int] = []
     for _ in range(max_tokens):
-        token = choose(logits.numpy(), temperature, seed, position)
+        token = rules.choose(logits.numpy(), position, answer)
+        answer.append(token)
         METRICS.add("hpi_tokens_decoded_total")
         yield token
-        if token in eos or (stop is not None and stop.is_set()) or (
+        if rules.ended(answer) or (stop is not None and stop.is_set()) or (
                 deadline is not None and time.monotonic() > deadline):
             return
         position += 1

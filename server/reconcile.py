@@ -10,8 +10,10 @@ from __future__ import annotations
 import hmac
 
 from hpi.anchor import Anchor
+from hpi.answer_rules import AnswerRules
 from hpi.errors import BadFrame, SamplingMismatch, StaleDraft
 from hpi.protocol import frames
+from hpi.sampling import Sampling
 from hpi.session_durability import Durability
 from hpi.session_limits import SessionLimits
 from hpi.session_state import Session
@@ -27,10 +29,10 @@ class Reconciliation:
     def ready(self, session: Session, position: int, chain: bytes, sampling: tuple[float, int]) -> frames.Ready:
         """Answer a page's hello: the confirmed tokens it lacks, or all of them if its chain is not ours."""
         if session.sampling is None:
-            session.sampling = sampling
+            session.sampling = Sampling(*sampling)
             self.durability.save(session)
-        elif session.sampling != sampling:
-            raise SamplingMismatch(f"this session samples with (temperature, seed) = {session.sampling}")
+        elif session.sampling.pair != sampling:
+            raise SamplingMismatch(f"this session samples with (temperature, seed) = {session.sampling.pair}")
         at = position - session.chain_base
         known = 0 <= at < len(session.chains) and hmac.compare_digest(session.chains[at], chain)
         start = position if known else session.chain_base
@@ -49,7 +51,9 @@ class Reconciliation:
             raise BadFrame(f"token ids must be below the vocabulary size {vocab}")
         self.limits.reserve(session, session.n_tokens + len(tokens) + 1)
         try:
-            v = verify(self.anchor.lm, session.caches, tokens, *session.sampling)
+            if session.rules is None or session.rules.sampling != session.sampling:
+                session.rules = AnswerRules(self.anchor.lm, session.sampling)
+            v = verify(self.anchor.lm, session.caches, tokens, session.rules, session.chain_base)
         except Exception:
             self.durability.revert(session)  # the pass may have left the cache half extended
             raise

@@ -12,7 +12,8 @@ from hpi.protocol.holo import Holo, content_hash, load_hologram
 from hpi import hologram
 from hpi.llama import KV, extend, forward
 from hpi.pack import basis_from_pack, weights_from_pack
-from hpi.sampling import choose
+from hpi.answer_rules import AnswerRules
+from hpi.sampling import GREEDY, Sampling, choose
 
 
 class Resonator:
@@ -47,17 +48,24 @@ class Resonator:
         self.position += 1
         return logits[0]
 
-    def generate(self, max_new: int, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> list[int]:
-        """Decode up to `max_new` tokens after the holograms; token i is chosen for position P + i."""
+    def generate(self, max_new: int, sampling: Sampling = GREEDY, stop_at_eos: bool = True,
+                 rules: AnswerRules | None = None, answer: list[int] | None = None) -> list[int]:
+        """Decode up to `max_new` tokens after the holograms; token i is chosen for position P + i.
+        With `rules` (which hold the sampling, and need the model's tokenizer), the tokens chosen
+        and where the answer ends are the anchor's; `answer`: its tokens confirmed before these."""
         if self.next_id is None:
             raise ValueError("no hologram loaded")
         out: list[int] = []
+        before = list(answer or [])
         token = self.next_id
         for _ in range(max_new):
-            logits = self.step(token)
-            token = choose(logits.numpy(), temperature, seed, self.position)
+            logits = self.step(token).numpy()
+            if rules is None:
+                token = choose(logits, sampling, self.position)
+            else:
+                token = rules.choose(logits, self.position, before + out)
             out.append(token)
-            if stop_at_eos and token in self.eos_ids:
+            if rules is not None and rules.ended(before + out) or stop_at_eos and token in self.eos_ids:
                 break
         self.next_id = token
         return out

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from hpi.anchor import Caches
+from hpi.answer_rules import AnswerRules
 from hpi.protocol import frames
 from hpi.protocol.holo import content_hash
+from hpi.sampling import Sampling
 from hpi.transcripts import Checkpoint, Transcript
 
 
@@ -50,10 +52,12 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Reconciliation (protocol/SPEC.md): the chain hash after each token from chain_base, where
     # the current answer starts (the end of the prompt or of the last appended turn), and the
-    # session's sampling, fixed by the first page that syncs.
+    # session's sampling, fixed at creation or by the first page that syncs.
     chain_base: int = 0
     chains: list[bytes] = field(default_factory=lambda: [frames.GENESIS])
-    sampling: tuple[float, int] | None = None
+    sampling: Sampling | None = None
+    # The session's AnswerRules for its sampling (a grammar's matcher keeps state): built on first use.
+    rules: AnswerRules | None = field(default=None, repr=False, compare=False)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # by name, in creation order
     saved: Transcript | None = None  # the last transcript written: what a restart would bring back
 

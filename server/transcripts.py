@@ -23,10 +23,11 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpi.durable import write_atomic
 from hpi.messages import Message
+from hpi.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,18 @@ class Transcript(BaseModel):
     ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     pending: bool  # the last id is confirmed but not yet in the anchor's KV cache
     chain_base: int = Field(ge=1)
-    sampling: tuple[float, int] | None
+    sampling: Sampling | None  # a (temperature, seed) pair in older transcripts
     holo_end: int = Field(ge=0)
     created: float
     checkpoints: list[Checkpoint] = []  # in creation order; all on the current trail (positions <= len(ids))
     client: str = Field("", max_length=64)  # the IP address that created it: its quota counts the session
     last_used: float = 0.0  # when it was last saved; 0 in older transcripts (then `created` counts)
     revision: int = Field(0, ge=0)  # saves of this session so far: 0 in older transcripts
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling(cls, v):
+        return None if v is None or isinstance(v, Sampling) else Sampling.from_json(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Transcript:

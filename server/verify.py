@@ -2,7 +2,8 @@
 
 A resonator drafts tokens; the anchor runs them through its exact model over the session's
 exact KV cache and, position by position, makes the choice it would have made alone (greedy,
-or Gumbel-max with the session's seed: server/sampling.py). It accepts the longest prefix of
+or Gumbel-max with the session's seed, after the session's logit processing:
+server/answer_rules.py). It accepts the longest prefix of
 drafts that matches, and its own choice right after that prefix is confirmed too: the
 correction of the first mismatch, or one more token when every draft matched. So the
 confirmed tokens are exactly the anchor's, whatever the drafts were.
@@ -14,7 +15,8 @@ forward (server/scheduler.py) with the passes of other sessions, as rows of gene
 each draft's logits are the bits plain decoding would compute (server/engine.py).
 
 Apart from that forward and the KV bookkeeping, the acceptance rule is a pure function
-(`accept`) of the logits, the drafts and the sampling.
+(`accept`) of the logits, the drafts, the answer so far and the session's rules (whose masks
+and ends are themselves functions of the answer's tokens).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from hpi.anchor import Caches
+from hpi.answer_rules import AnswerRules
 from hpi.engine import Seq
 from hpi.metrics import METRICS
 from hpi.models import LoadedModel
-from hpi.sampling import choose
 
 
 @dataclass
@@ -38,9 +40,9 @@ class Verification:
 
 
 @torch.no_grad()
-def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: float = 0.0,
-           seed: int = 0) -> Verification:
-    """Check `drafts` (the tokens after the confirmed ones) and confirm what the anchor chooses."""
+def verify(lm: LoadedModel, caches: Caches, drafts: list[int], rules: AnswerRules, answer_start: int) -> Verification:
+    """Check `drafts` (the tokens after the confirmed ones) and confirm what the anchor chooses.
+    The answer being drafted starts at position `answer_start`."""
     if caches.anchor is None or (caches.pending is None and caches.next_logits is None):
         raise ValueError("the session has no prefilled state to verify against")
     base = len(caches.ids)  # position of drafts[0]
@@ -51,7 +53,7 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     if feed:
         (logits,) = lm.scheduler.run([Seq(caches.anchor, feed, generated=True, all_logits=True)])
         heads.extend(logits)
-    accepted, token, corrected = accept(heads, drafts, base, set(lm.eos_token_ids), temperature, seed)
+    accepted, token, corrected = accept(heads, drafts, base, caches.ids[answer_start:], rules)
     fed_drafts = len(drafts) if feed else 0
     if fed_drafts > accepted:
         caches.anchor.crop(accepted - fed_drafts)  # a negative count removes that many from the end
@@ -68,14 +70,18 @@ def verify(lm: LoadedModel, caches: Caches, drafts: list[int], temperature: floa
     return Verification(accepted, token, corrected)
 
 
-def accept(heads: list[torch.Tensor], drafts: list[int], base: int, eos: set[int], temperature: float,
-           seed: int) -> tuple[int, int, bool]:
+def accept(heads: list[torch.Tensor], drafts: list[int], base: int, answer: list[int],
+           rules: AnswerRules) -> tuple[int, int, bool]:
     """The acceptance rule: (drafts accepted, the anchor's token after them, whether it corrects a
-    draft). `heads[i]` are the logits that choose the token at position base + i. An end-of-turn
-    draft the anchor agrees with is its own token: the answer ends there."""
+    draft). `heads[i]` are the logits that choose the token at position base + i; `answer` the
+    answer's confirmed tokens before it. A draft that ends the answer (an end-of-turn token, or
+    one completing a stop text) and that the anchor agrees with is its own token: the answer
+    ends there."""
     accepted = 0
-    while accepted < len(drafts) and drafts[accepted] not in eos and drafts[accepted] == choose(
-            heads[accepted].numpy(), temperature, seed, base + accepted):
+    while accepted < len(drafts) and drafts[accepted] == rules.choose(
+            heads[accepted].numpy(), base + accepted, answer + drafts[:accepted]):
+        if rules.ended(answer + drafts[:accepted + 1]):
+            break
         accepted += 1
-    token = choose(heads[accepted].numpy(), temperature, seed, base + accepted)
+    token = rules.choose(heads[accepted].numpy(), base + accepted, answer + drafts[:accepted])
     return accepted, token, accepted < len(drafts) and drafts[accepted] != token

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hpi import completions
+from hpi.sampling import Sampling
 
 MESSAGES = [{"role": "user", "content": "Name three things a cache keeps."}]
 
@@ -43,7 +44,7 @@ def test_seeded_sampling_is_reproducible_and_follows_the_shared_hash(client, tin
                                               temperature=1.0, seed=seed).choices[0].message.content
     assert sample(3) == sample(3)
     assert sample(3) != sample(4)
-    ids = list(completions.decode(tiny, tiny.chat_ids(MESSAGES), 16, 1.0, 3))
+    ids = list(completions.decode(tiny, tiny.chat_ids(MESSAGES), 16, Sampling(1.0, 3)))
     assert sample(3) == tiny.tokenizer.decode([i for i in ids if i not in tiny.eos_token_ids],
                                               skip_special_tokens=True)
 

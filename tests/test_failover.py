@@ -31,6 +31,7 @@ from websockets.sync.client import connect
 
 from hpi.protocol import frames
 from hpi import completions
+from hpi.sampling import Sampling
 from tests.services import Anchor, haproxy, redis_server
 from tests.syncing import sync_answer
 
@@ -111,7 +112,7 @@ def test_a_killed_anchors_sessions_finish_exactly_on_the_other(fleet, lm):
             assert r.status_code == 201, r.text
             body = r.json()
             runs.append({"body": body, "prompt": prompt, "anchor": r.headers["X-HPI-Anchor"],
-                         "truth": list(completions.decode(lm, prompt, TOKENS, 0.0, 0))})
+                         "truth": list(completions.decode(lm, prompt, TOKENS, Sampling(0.0, 0)))})
         assert {r["anchor"] for r in runs} == {"a", "b"}, "the proxy should spread new sessions"
 
         for run in runs:  # halfway, on the anchor that created it

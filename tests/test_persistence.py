@@ -15,6 +15,7 @@ from hpi import completions
 from hpi.anchor import Anchor
 from hpi.app import create_app
 from hpi.config import Settings
+from hpi.sampling import Sampling
 from tests.app_client import app_client
 from tests.syncing import chain_of, send, sync_answer
 
@@ -45,7 +46,7 @@ def hello(ws, body: dict, position: int, chain: bytes, temperature: float = 0.0,
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 3)])
 def test_a_synced_session_continues_exactly_after_a_restart(anchor, tiny, tmp_path, temperature, seed):
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 24, temperature, seed))
+    truth = list(completions.decode(tiny, prompt, 24, Sampling(temperature, seed)))
     vocab = tiny.config.vocab_size
     with anchor_app(anchor, tmp_path) as before:
         body, auth = create(before)

@@ -12,6 +12,7 @@ from hpi.protocol import frames
 from hpi import completions
 from hpi.app import create_app
 from hpi.config import Settings
+from hpi.sampling import Sampling
 from tests.app_client import app_client
 from tests.services import redis_server
 from tests.syncing import create, send, sync_answer
@@ -41,7 +42,7 @@ def hello(ws, body: dict, position: int, chain: bytes) -> dict:
 def test_another_anchor_takes_a_session_over_and_it_ends_exactly(anchors, tiny):
     a, b = anchors
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 24, 0.0, 0))
+    truth = list(completions.decode(tiny, prompt, 24, Sampling(0.0, 0)))
     vocab = tiny.config.vocab_size
     body, auth = create(a, MESSAGES)
     sync = f"/v1/sessions/{body['session_id']}/sync"
@@ -64,7 +65,7 @@ def test_another_anchor_takes_a_session_over_and_it_ends_exactly(anchors, tiny):
 def test_a_stale_anchor_cannot_overwrite_what_another_confirmed(anchors, tiny):
     a, b = anchors
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 16, 0.0, 0))
+    truth = list(completions.decode(tiny, prompt, 16, Sampling(0.0, 0)))
     vocab = tiny.config.vocab_size
     body, _ = create(a, MESSAGES)
     store_a = a.app.state.store

@@ -12,7 +12,7 @@ from hpi.anchor import Anchor, Caches
 from hpi.llama import extend, forward
 from hpi.resonator import Resonator
 from hpi.spectral import CodecParams
-from hpi.sampling import choose, gumbel, lowbias32, uniform
+from hpi.sampling import Sampling, choose, gumbel, lowbias32, uniform
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "sampling_vectors.json"
 
@@ -36,19 +36,19 @@ def test_gumbel_max_samples_the_softmax():
     logits = np.array([2.0, 1.0, 0.0, -1.0], np.float32)
     want = np.exp(logits) / np.exp(logits).sum()
     n = 20_000
-    picks = np.bincount([choose(logits, 1.0, seed=11, position=p) for p in range(n)], minlength=4) / n
+    picks = np.bincount([choose(logits, Sampling(1.0, 11), p) for p in range(n)], minlength=4) / n
     assert np.abs(picks - want).max() < 0.015  # about 4 standard errors at n = 20000
-    hot = np.bincount([choose(logits, 0.25, seed=11, position=p) for p in range(2000)], minlength=4)
+    hot = np.bincount([choose(logits, Sampling(0.25, 11), p) for p in range(2000)], minlength=4)
     assert hot[0] > 0.95 * 2000  # low temperature concentrates on the argmax
 
 
 def test_sampling_is_a_function_of_seed_and_position():
     logits = np.zeros(1000, np.float32)
-    a = [choose(logits, 1.0, seed=1, position=p) for p in range(50)]
-    assert a == [choose(logits, 1.0, seed=1, position=p) for p in range(50)]
-    assert a != [choose(logits, 1.0, seed=2, position=p) for p in range(50)]
+    a = [choose(logits, Sampling(1.0, 1), p) for p in range(50)]
+    assert a == [choose(logits, Sampling(1.0, 1), p) for p in range(50)]
+    assert a != [choose(logits, Sampling(1.0, 2), p) for p in range(50)]
     assert np.array_equal(gumbel(1, 5, 10), gumbel(1, 5, 10))
-    assert choose(np.array([1.0, 3.0, 3.0]), 0.0) == 1  # greedy ties go to the first index
+    assert choose(np.array([1.0, 3.0, 3.0])) == 1  # greedy ties go to the first index
 
 
 # The tiny random model's logits are nearly flat, so any coding error flips its argmax:
@@ -127,7 +127,7 @@ def test_seeded_sampling_is_reproducible(anchor, tiny):
     for seed in (5, 5, 6):
         res = Resonator(anchor.pack_bytes)
         res.add_hologram(holo)
-        runs.append(res.generate(16, temperature=1.0, seed=seed, stop_at_eos=False))
+        runs.append(res.generate(16, Sampling(1.0, seed), stop_at_eos=False))
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 

@@ -11,6 +11,7 @@ from hpi.anchor import Caches
 from hpi.engine import Seq, check_invariance
 from hpi.trail import TrailCache
 from hpi.verify import verify
+from hpi.sampling import Sampling
 
 SESSIONS = 8
 
@@ -36,7 +37,7 @@ def test_sessions_verified_in_one_forward_confirm_their_anchor_only_answers(tiny
                                                                             temperature, seed):
     prompts = [tiny.chat_ids([{"role": "user", "content": f"Question {i}: what does the anchor keep?"}])
                for i in range(SESSIONS)]
-    truths = [list(completions.decode(tiny, p, 14, temperature, seed)) for p in prompts]
+    truths = [list(completions.decode(tiny, p, 14, Sampling(temperature, seed))) for p in prompts]
     caches = [Caches() for _ in prompts]
     for c, p in zip(caches, prompts):
         tiny_anchor.prefill(c, p)

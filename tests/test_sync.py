@@ -11,6 +11,7 @@ from hpi import completions
 from hpi.anchor import Anchor
 from hpi.app import create_app
 from hpi.config import Settings
+from hpi.sampling import Sampling
 from tests.app_client import app_client
 from tests.syncing import chain_of, send
 
@@ -34,7 +35,7 @@ def session(client) -> dict:
 def test_drifting_drafts_end_in_the_anchor_only_text(client, tiny, temperature, seed):
     s = session(client)
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 40, temperature, seed))
+    truth = list(completions.decode(tiny, prompt, 40, Sampling(temperature, seed)))
     with client.websocket_connect(f"/v1/sessions/{s['session_id']}/sync") as ws:
         ready = send(ws, type="hello", token=s["token"], position=len(prompt), chain=frames.GENESIS,
                      temperature=temperature, seed=seed)

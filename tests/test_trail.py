@@ -14,6 +14,7 @@ from hpi import completions, turns
 from hpi.anchor import Anchor
 from hpi.models import load_model
 from hpi.trail import TAIL_ROOM
+from hpi.sampling import Sampling
 from tests.syncing import chain_of, client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 
@@ -62,7 +63,7 @@ def session_of(client, body: dict):
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 11)])
 def test_after_a_backtrack_the_continuation_is_the_original_one(anchor, tiny, tmp_path, temperature, seed):
     prompt = tiny.chat_ids(MESSAGES)
-    truth = list(completions.decode(tiny, prompt, 24, temperature, seed))
+    truth = list(completions.decode(tiny, prompt, 24, Sampling(temperature, seed)))
     mid = len(truth) // 2
     with client_for(anchor, tmp_path) as client:
         body, auth = create(client, MESSAGES)
@@ -141,7 +142,7 @@ def test_a_fork_continues_as_the_anchor_alone_and_never_sees_its_parent(anchor, 
         assert (f["position"], f["tokens"], f["sampling"]) == (len(prefix) + len(own), truth[:mid] + own, list(sampling))
         assert f["chain"] == chain_of(truth[:mid] + own).hex() and f["shared_tokens"] == len(prefix) - 1
         fork_auth = {"Authorization": f"Bearer {f['token']}"}
-        fork_truth = own + list(completions.decode(tiny, prefix + own, 16, *sampling))
+        fork_truth = own + list(completions.decode(tiny, prefix + own, 16, Sampling(*sampling)))
 
         # The parent goes on (and back, and on again) while the fork writes its own answer.
         parent_done, *_ = sync(client, body, position, chain, truth, done)

@@ -13,6 +13,7 @@ from hpi.protocol.holo import load_hologram
 from hpi import completions, turns
 from hpi.anchor import Anchor
 from hpi.models import load_model
+from hpi.sampling import Sampling
 from tests.syncing import client_for, create, send, sync_answer
 from tests.tiny_model import build_tiny_llama
 
@@ -44,7 +45,7 @@ def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, tmp_path, temp
         prompt = tiny.chat_ids(MESSAGES)
         first = client.get(body["hologram_url"], headers=auth)
         assert first.headers["x-hpi-end"] == str(len(prompt) - 1)
-        truth = list(completions.decode(tiny, prompt, 16, temperature, seed))
+        truth = list(completions.decode(tiny, prompt, 16, Sampling(temperature, seed)))
         answer = synced_turn(client, body, len(prompt), truth, temperature, seed)
         assert answer == truth
 
@@ -68,7 +69,7 @@ def test_a_new_turn_after_a_synced_answer_continues_exactly(tiny, tmp_path, temp
         assert (meta["start"], meta["end"], meta["next_id"]) == (len(prompt) - 1, len(conv) - 1, conv[-1])
         assert (session.chain_base, session.chains) == (len(conv), [frames.GENESIS])
 
-        truth2 = list(completions.decode(tiny, conv, 16, temperature, seed))
+        truth2 = list(completions.decode(tiny, conv, 16, Sampling(temperature, seed)))
         assert synced_turn(client, body, len(conv), truth2, temperature, seed) == truth2
 
 

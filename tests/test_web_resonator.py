@@ -22,7 +22,7 @@ import torch
 from hpi.protocol.holo import load_hologram
 from hpi import hologram
 from hpi.resonator import Resonator
-from hpi.sampling import uniform
+from hpi.sampling import Sampling, uniform
 
 pytestmark = pytest.mark.browser
 
@@ -93,8 +93,7 @@ def reference(anchor, holo: bytes, run: dict) -> tuple[list[int], np.ndarray]:
     logits = res.step(res.next_id).numpy()
     res = Resonator(anchor.pack_bytes)
     res.add_hologram(holo)
-    tokens = res.generate(run["n"], temperature=run.get("temperature", 0.0), seed=run.get("seed", 0),
-                          stop_at_eos=False)
+    tokens = res.generate(run["n"], Sampling(run.get("temperature", 0.0), run.get("seed", 0)), stop_at_eos=False)
     return tokens, logits
 
 

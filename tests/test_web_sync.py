@@ -14,6 +14,7 @@ from hpi import completions
 from hpi.app import create_app
 from hpi.config import Settings
 from hpi.headless import serve
+from hpi.sampling import Sampling
 from tests.test_web_page import PROMPT, Page
 
 pytestmark = pytest.mark.browser
@@ -42,9 +43,9 @@ class Anchor:
         session = self.app.state.store.get(conv["session"]["id"], conv["session"]["token"])
         answer = conv["turns"][-1]
         prompt = session.caches.ids[:answer["start"] + given]
-        return answer["ids"][:given] + list(completions.decode(
-            self.anchor.lm, prompt, len(answer["ids"]) - given, conv["sampling"]["temperature"],
-            conv["sampling"]["seed"]))
+        sampling = Sampling(conv["sampling"]["temperature"], conv["sampling"]["seed"])
+        return answer["ids"][:given] + list(completions.decode(self.anchor.lm, prompt, len(answer["ids"]) - given,
+                                                               sampling))
 
 
 class Link:
