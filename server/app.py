@@ -45,6 +45,7 @@ from hpi.metrics import METRICS
 from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy
 from hpi.models import load_model
 from hpi.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
+from hpi.request_sampling import SamplingFields
 from hpi.sampling import Sampling
 from hpi.session_state import EncodedSegment, Session
 from hpi.sessions import SessionStore
@@ -110,7 +111,9 @@ def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]
     """Request bodies, sized by the settings."""
     Messages = request_messages(settings)
 
-    class CreateSession(BaseModel):
+    class CreateSession(SamplingFields):
+        """The prompt, and the answers' sampling (OpenAI's fields, as in chat completions). Without
+        any sampling field the first page's hello fixes the temperature and seed."""
         model_config = ConfigDict(extra="forbid")
         messages: Messages
 
@@ -139,6 +142,8 @@ class SessionCreated(BaseModel):
     n_tokens: int
     hologram_url: str
     hologram_bytes: int
+    sampling: dict | None = Field(description="the answers' sampling (protocol/SPEC.md, Sampling), if the "
+                                              "request gave one; else the first page's hello fixes it")
 
 
 CheckpointName = Annotated[str, Field(pattern=CHECKPOINT_NAME, description="1 to 64 letters, digits, ' _.:-'")]
@@ -346,10 +351,12 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         client = client_of(request)
         check_room(request.app)
         st.check_admission(client)  # a full server says so at once, not after a worker thread is free
-        s = await run_in_threadpool(st.create, [m.model_dump() for m in body.messages], client)
+        sampling = body.checked(request.app.state.anchor.lm) if body.given() else None
+        s = await run_in_threadpool(st.create, [m.model_dump() for m in body.messages], client, sampling)
         response.headers[SESSION_HEADER] = s.id
         return SessionCreated(session_id=s.id, token=s.token, n_tokens=s.n_tokens,
-                              hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data))
+                              hologram_url=f"/v1/sessions/{s.id}/hologram", hologram_bytes=len(s.full.data),
+                              sampling=s.sampling and s.sampling.to_json())
 
     @app.get("/v1/sessions/{session_id}/hologram", response_class=Response,
              responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}, 304: {}})

@@ -32,6 +32,7 @@ from hpi.session_durability import Durability
 from hpi.session_limits import SessionLimits
 from hpi.session_state import Session
 from hpi.transcripts import SESSION_ID
+from hpi.sampling import Sampling
 
 
 class SessionStore(Holograms, Reconciliation, Checkpoints):
@@ -54,11 +55,13 @@ class SessionStore(Holograms, Reconciliation, Checkpoints):
     def check_admission(self, client: str) -> None:
         self.limits.check_admission(client)
 
-    def create(self, messages: list[dict], client: str = "") -> Session:
+    def create(self, messages: list[dict], client: str = "", sampling: Sampling | None = None) -> Session:
+        """A session of the prompt `messages`. `sampling`: its answers' (else the first page's hello fixes
+        the temperature and seed)."""
         ids = self.anchor.lm.chat_ids(messages)
         self.limits.check_prompt(len(ids), "the prompt")
         self.sweep()
-        session = Session.new(client=client, messages=list(messages))
+        session = Session.new(client=client, messages=list(messages), sampling=sampling)
         self.limits.add(session, len(ids))
         # No lock needed: nobody else can reach the session before its token is returned.
         try:
