@@ -17,8 +17,15 @@ import { WebGPUUnavailable } from './errors.js';
 import { loadHologram } from './holo.js';
 
 // common.wgsl is the prelude of every kernel (shaders/README.md).
-const SHADERS = ['common', 'q4_1', 'q8_0', 'gemv', 'gemv_wg', 'embed', 'rope_append', 'attn_scores', 'attn_softmax', 'attn_values',
-  'sample', 'holo_basis', 'holo_unpack'];
+const SHADERS = ['common', 'lanes', 'q4_1', 'q8_0', 'gemv', 'gemv_wg', 'embed', 'rope_append', 'attn_scores', 'attn_softmax',
+  'attn_values', 'attn_wg', 'sample', 'holo_basis', 'holo_unpack'];
+// The 'gpu' layout's kernels, which reduce across lanes: compiled after lanes.wgsl, and after the
+// subgroup exchange it calls (SUBGROUP_XOR), whose `enable` must open the module.
+const LANE_KERNELS = new Set(['lanes', 'gemv_wg', 'attn_wg']);
+const SUBGROUP_XOR = {
+  shuffle: 'enable subgroups;\nfn subgroup_xor(v: vec4f, k: u32) -> vec4f { return subgroupShuffleXor(v, k); }\n',
+  none: 'fn subgroup_xor(v: vec4f, k: u32) -> vec4f { return v; }  // not reached: SUBGROUP_MIN is 1\n',
+};
 // The GPU planes of each weight scheme (see its .wgsl) from the pack's planes, as bytes, by
 // the scheme's WGSL variable names: Q4_1 puts a block's f16 scale and minimum in one word;
 // Q8_0 widens its scale to a word and stores its signed bytes as q + 128.
@@ -33,18 +40,20 @@ const PLANES = {
     w_q: plane('q').map((b) => b ^ 0x80) }),
 };
 const KEYS_PER_WORKGROUP = 256;  // attn_scores.wgsl: 64 invocations x 4 keys
-const ATTN_SLICES = 16;           // attn_values.wgsl: parts of the positions summed separately
+const ATTN_SLICES = 16;           // attn_values.wgsl, attn_wg.wgsl: parts of the positions summed separately
+const GPU_KEYS = 64;              // attn_wg.wgsl `qk`: positions per workgroup
 const SAMPLE_SPAN = 4096;  // logits per sample.wgsl `scan` workgroup (64 invocations x 64)
 const { STORAGE, UNIFORM, COPY_DST, COPY_SRC, MAP_READ, QUERY_RESOLVE } = GPUBufferUsage;
 
 const align = (n, a) => Math.ceil(n / a) * a;
 
-// The gemv layouts (shaders/README.md): 'cpu' (gemv.wgsl `main`, four whole rows per
-// invocation, barrier-free) for software adapters, 'gpu' (gemv_wg.wgsl, a workgroup per few
-// rows, a tree reduction over the input) for real GPUs.
+// The kernel layouts (shaders/README.md): 'cpu' (gemv.wgsl `main`, four whole rows per
+// invocation, and attn_scores/softmax/values.wgsl, a few positions per invocation; barrier-free
+// where possible) for software adapters, 'gpu' (gemv_wg.wgsl, a workgroup per few rows, and
+// attn_wg.wgsl, workgroups over the positions; reductions across lanes) for real GPUs.
 export const LAYOUTS = ['cpu', 'gpu'];
 const SOFTWARE_ADAPTER = /swiftshader|llvmpipe|lavapipe|software|basic render/i;
-const GPU_WG = 64;         // gemv_wg.wgsl: invocations per workgroup
+const GPU_WG = 64;         // lanes.wgsl LANES: invocations per 'gpu'-layout workgroup
 const MAX_GROUPS_X = 65535;  // WebGPU's default maxComputeWorkgroupsPerDimension
 
 /** Whether `adapter` is a fallback or software (CPU-emulated) adapter. */
@@ -123,7 +132,7 @@ export class Resonator {
    * split into chunks of at most `maxWeightBytes` per plane (default: the adapter's limit).
    */
   static async create({ shaderBase = new URL('./shaders/', import.meta.url), gemv = {}, batch = 4,
-    maxWeightBytes = Infinity, layout = null } = {}) {
+    maxWeightBytes = Infinity, layout = null, subgroups = true } = {}) {
     if (layout !== null && !LAYOUTS.includes(layout)) throw new TypeError(`layout is 'cpu' or 'gpu', not ${layout}`);
     if (!('gpu' in navigator)) {
       throw new WebGPUUnavailable('This browser does not offer WebGPU (navigator.gpu is missing).');
@@ -131,21 +140,27 @@ export class Resonator {
     const adapter = await navigator.gpu.requestAdapter();
     if (!adapter) throw new WebGPUUnavailable('WebGPU is present but no GPU adapter is available.');
     const lim = adapter.limits;
+    const info = adapter.info || {};
+    const picked = layout ?? (isSoftwareAdapter(adapter) ? 'cpu' : 'gpu');
+    // The 'gpu' layout's reductions shuffle within subgroups where the adapter has them and
+    // says how small one can be (lanes.wgsl); `subgroups: false` keeps them in workgroup memory.
+    const subgroupMin = picked === 'gpu' && subgroups && adapter.features.has('subgroups')
+      ? Math.min(info.subgroupMinSize || 0, GPU_WG) : 0;
+    const features = ['timestamp-query', ...(subgroupMin > 1 ? ['subgroups'] : [])];
     const device = await adapter.requestDevice({
       requiredLimits: {
         maxStorageBufferBindingSize: lim.maxStorageBufferBindingSize,
         maxBufferSize: lim.maxBufferSize,
       },
-      requiredFeatures: adapter.features.has('timestamp-query') ? ['timestamp-query'] : [],
+      requiredFeatures: features.filter((f) => adapter.features.has(f)),
     });
     const sources = Object.fromEntries(await Promise.all(SHADERS.map(async (name) => {
       const r = await fetch(`${shaderBase}${name}.wgsl`);
       if (!r.ok) throw new Error(`could not load shader ${name}.wgsl: HTTP ${r.status}`);
       return [name, await r.text()];
     })));
-    const info = adapter.info || {};
     return new Resonator(device, sources, {
-      layout: layout ?? (isSoftwareAdapter(adapter) ? 'cpu' : 'gpu'),
+      layout: picked, subgroups: subgroupMin > 1 ? subgroupMin : 0,
       gemv: { WG: 16, ...gemv }, batch,
       bindingBytes: Math.min(lim.maxStorageBufferBindingSize, lim.maxBufferSize),
       weightBytes: Math.min(maxWeightBytes, lim.maxStorageBufferBindingSize, lim.maxBufferSize),
@@ -159,7 +174,9 @@ export class Resonator {
     this.structs = structLayouts(Object.values(sources).join('\n'), 'shaders');
     this.opts = opts;
     this.adapter = opts.adapter;
-    this.layout = opts.layout || 'cpu';  // the gemv layout: 'cpu' (gemv.wgsl) or 'gpu' (gemv_wg.wgsl)
+    this.layout = opts.layout || 'cpu';  // the kernel layout: 'cpu' or 'gpu' (LAYOUTS)
+    // The smallest subgroup the 'gpu' layout's reductions shuffle within; 0: workgroup memory only.
+    this.subgroups = opts.subgroups || 0;
     this.pipelines = new Map();
     this.slots = new WeakMap();  // pipeline -> bindingSlots of its module
     this.position = 0;
@@ -245,12 +262,19 @@ export class Resonator {
 
   // ---- pipelines ---------------------------------------------------------------------------
 
-  /** The WGSL of a kernel as compiled: the prelude, the weight scheme if it takes one, the kernel. */
+  /**
+   * The WGSL of a kernel as compiled: the subgroup exchange and lanes.wgsl if it reduces across
+   * lanes, the prelude, the weight scheme if it takes one, the kernel.
+   */
   source(shader, scheme = null) {
-    return [this.sources.common, scheme && this.sources[scheme], this.sources[shader]].filter(Boolean).join('\n');
+    const lanes = LANE_KERNELS.has(shader);
+    const files = new Set(['common', lanes && 'lanes', scheme, shader].filter(Boolean));
+    const exchange = lanes && SUBGROUP_XOR[this.subgroups ? 'shuffle' : 'none'];
+    return [exchange, ...[...files].map((f) => this.sources[f])].filter(Boolean).join('\n');
   }
 
   pipeline(shader, constants, { scheme = null, entry = 'main' } = {}) {
+    if (LANE_KERNELS.has(shader) && this.subgroups) constants = { ...constants, SUBGROUP_MIN: this.subgroups };
     const key = JSON.stringify([shader, scheme, entry, constants]);
     if (!this.pipelines.has(key)) {
       const code = this.source(shader, scheme);
@@ -288,7 +312,7 @@ export class Resonator {
     const gpu = this.layout === 'gpu';
     const tpr = rowThreads(m.cols);
     const pipe = gpu
-      ? this.pipeline('gemv_wg', { C: m.cols, WG: GPU_WG, TPR: tpr, MODE: mode }, { scheme: m.scheme })
+      ? this.pipeline('gemv_wg', { C: m.cols, TPR: tpr, MODE: mode }, { scheme: m.scheme })
       : this.pipeline('gemv', { C: m.cols, WG: g.WG, MODE: mode }, { scheme: m.scheme });
     const staged = { xi: this.xi, xsum: this.xsum };
     return [[`${name}`, stage, this.bind(stage, { x, norm_w: norm || x, ...staged }), 1, 1], ...m.chunks.map((c) => {
@@ -409,21 +433,16 @@ export class Resonator {
       ...c.planes, state: this.state, chunk: this.params('Chunk', { row0: c.row0, rows: c.rows }), x: this.x,
     }), 1, 1]);
     const rope = this.pipeline('rope_append', dims);
-    const scores = this.pipeline('attn_scores', { ...dims, SCALE: Math.fround(1 / Math.sqrt(DH)) });
-    const softmax = this.pipeline('attn_softmax', { H });
-    const values = this.pipeline('attn_values', { ...dims, SLICES: ATTN_SLICES });
+    const attention = this.layout === 'gpu' ? this.attentionWg() : this.attentionCpu();
     this.layerPlans = this.layers.map((w, l) => ({
       pre: [
         ...this.gemv('qkv', w.qkv, { x: this.x, y: this.qkvOut, norm: w.attnNorm }),
         ['rope_append', rope, this.bind(rope, { state: this.state, rope: this.rope, qkv: this.qkvOut,
           k_cache: this.cache[l].k, v_cache: this.cache[l].v }), Math.ceil(Math.max((H + G) * DH / 2, G * DH) / 64), 1],
       ],
-      scores: ['attn_scores', scores, this.bind(scores, { state: this.state, qkv: this.qkvOut,
-        k_cache: this.cache[l].k, scores: this.scores })],
+      scores: attention.scores(this.cache[l]),
       post: [
-        ['attn_softmax', softmax, this.bind(softmax, { state: this.state, scores: this.scores, sums: this.sums }), H, 1],
-        ['attn_values', values, this.bind(values, { state: this.state, e: this.scores, sums: this.sums,
-          v_cache: this.cache[l].v, attn: this.attnOut }), Math.ceil(G * DH / 4 / 64), ATTN_SLICES],
+        ...attention.post(this.cache[l]),
         ...this.gemv('wo', w.wo, { x: this.attnOut, y: this.x, mode: 1, slices: ATTN_SLICES }),
         ...this.gemv('gate_up', w.gateUp, { x: this.x, y: this.act, norm: w.mlpNorm, mode: 2 }),
         ...this.gemv('down', w.down, { x: this.act, y: this.x, mode: 1 }),
@@ -439,9 +458,50 @@ export class Resonator {
     ];
   }
 
+  /**
+   * The attention dispatches of the 'cpu' layout, per layer's cache: `scores` without its size
+   * (one workgroup per `keys` positions, times G), then softmax and values.
+   */
+  attentionCpu() {
+    const { H, G, DH } = this.cfg;
+    const dims = { H, G, DH };
+    const scores = this.pipeline('attn_scores', { ...dims, SCALE: Math.fround(1 / Math.sqrt(DH)) });
+    const softmax = this.pipeline('attn_softmax', { H });
+    const values = this.pipeline('attn_values', { ...dims, SLICES: ATTN_SLICES });
+    this.attnKeys = KEYS_PER_WORKGROUP;
+    return {
+      scores: (c) => ['attn_scores', scores, this.bind(scores, { state: this.state, qkv: this.qkvOut, k_cache: c.k,
+        scores: this.scores })],
+      post: (c) => [
+        ['attn_softmax', softmax, this.bind(softmax, { state: this.state, scores: this.scores, sums: this.sums }), H, 1],
+        ['attn_values', values, this.bind(values, { state: this.state, e: this.scores, sums: this.sums,
+          v_cache: c.v, attn: this.attnOut }), Math.ceil(G * DH / 4 / 64), ATTN_SLICES],
+      ],
+    };
+  }
+
+  /** The same for the 'gpu' layout: attn_wg.wgsl's entry points, under the 'cpu' kernels' names. */
+  attentionWg() {
+    const { H, G, DH } = this.cfg;
+    let kl = 1;
+    while (kl < DH / 4) kl *= 2;
+    const consts = { H, G, DH, KL: kl, SCALE: Math.fround(1 / Math.sqrt(DH)), KEYS: GPU_KEYS, SLICES: ATTN_SLICES };
+    const [qk, softmax, pv] = ['qk', 'softmax', 'pv'].map((entry) => this.pipeline('attn_wg', consts, { entry }));
+    this.attnKeys = GPU_KEYS;
+    return {
+      scores: (c) => ['attn_scores', qk, this.bind(qk, { state: this.state, qkv: this.qkvOut, k_cache: c.k,
+        scores: this.scores })],
+      post: (c) => [
+        ['attn_softmax', softmax, this.bind(softmax, { state: this.state, scores: this.scores, sums: this.sums }), H, 1],
+        ['attn_values', pv, this.bind(pv, { state: this.state, scores: this.scores, sums: this.sums, v_cache: c.v,
+          attn: this.attnOut }), G, ATTN_SLICES],
+      ],
+    };
+  }
+
   /** The dispatches of one step feeding the token at `pos`; `head` adds the LM head and sampling. */
   stepPlan(pos, head = true) {
-    const groups = Math.ceil((pos + 1) / KEYS_PER_WORKGROUP);
+    const groups = Math.ceil((pos + 1) / this.attnKeys);
     const out = [...this.embedPlan];
     for (const lp of this.layerPlans) {
       out.push(...lp.pre, [...lp.scores, groups, this.cfg.G], ...lp.post);

@@ -7,10 +7,13 @@ different orders: every f32 dot product differs in its last bits, and 2 (tiny) o
 hologram decompression against server/spectral.py, the sampling hash bit for bit against
 server/sampling.py.
 
-The parity tests run both gemv layouts (client_web/resonator.js): 'cpu' (gemv.wgsl, which
-the engine picks on a software adapter such as SwiftShader) and 'gpu' (gemv_wg.wgsl, a
-workgroup per few rows with a tree reduction, picked on real GPUs); they sum in different
-orders, so each is held to the same bar: equal tokens, logits within LOGIT_TOL.
+The parity tests run both kernel layouts (client_web/resonator.js): 'cpu' (gemv.wgsl and
+attn_scores/softmax/values.wgsl, which the engine picks on a software adapter such as
+SwiftShader) and 'gpu' (gemv_wg.wgsl and attn_wg.wgsl, workgroups that reduce across their
+lanes, picked on real GPUs); they sum in different orders, so each is held to the same bar:
+equal tokens, logits within LOGIT_TOL. The 'gpu' layout's reductions shuffle within subgroups
+where the adapter has them (SwiftShader does, 4 wide) and go through workgroup memory
+otherwise; the two add in the same order, so their logits must be equal to the bit.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ ENGINE = """async ([sid, token, opts, runs]) => {
   }
   out.chunks = { embed: r.embed.chunks.length, lm_head: r.lmHead.chunks.length };
   out.layout = r.layout;
+  out.subgroups = r.subgroups;
   r.destroy();
   return out;
 }"""
@@ -132,6 +136,20 @@ def test_buffers_split_to_the_binding_limit_give_the_same_tokens(browser, tiny_s
     small = run_engine(browser, base, s, RUNS[:1], maxWeightBytes=4096, layout=layout)
     assert small["chunks"]["embed"] > 1 and small["chunks"]["lm_head"] > 1
     check_parity(anchor, session_hologram(base, s), small, RUNS[:1])
+
+
+def test_gpu_layout_is_the_same_with_and_without_subgroups(browser, tiny_server):
+    base, anchor = tiny_server
+    s = new_session(base)
+    on = run_engine(browser, base, s, RUNS, layout="gpu")
+    off = run_engine(browser, base, s, RUNS, layout="gpu", subgroups=False)
+    if not on["subgroups"]:
+        pytest.skip("this adapter has no subgroups: only the workgroup-memory reductions ran")
+    assert off["subgroups"] == 0
+    for a, b in zip(on["runs"], off["runs"]):
+        assert a["tokens"] == b["tokens"]
+        assert np.array_equal(np.array(a["logits"], np.float32), np.array(b["logits"], np.float32))
+    check_parity(anchor, session_hologram(base, s), off, RUNS)
 
 
 def test_layout_is_picked_from_the_adapter(browser, tiny_server):
