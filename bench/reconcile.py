@@ -168,15 +168,8 @@ class PythonDrafter:
     def adopt(self, drafts: list[int], accepted: int, token: int) -> None:
         import torch
 
-        r = self.r
-        if accepted == len(drafts):  # ack: the last draft has no K/V yet
-            with torch.inference_mode():
-                r.step(drafts[-1])
-        else:  # correction: keep the K/V of the confirmed tokens only
-            keep = r.position - (len(drafts) - 1 - accepted)
-            r.past = [(k[:, :keep], v[:, :keep]) for k, v in r.past]
-            r.position = keep
-        r.next_id = token
+        with torch.inference_mode():
+            self.r.adopt(drafts, accepted, token)
 
 
 JS_SETUP = """async ([timeoutMs]) => {

@@ -9,7 +9,6 @@ verification of drafts (which moves back and forth over drafted tokens) apply th
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
 import llguidance
 import llguidance.hf
@@ -26,10 +25,16 @@ class GrammarError(ValueError):
     """A response_format llguidance cannot compile; its message says why."""
 
 
-@lru_cache(maxsize=4)
+_TOKENIZERS: dict[tuple, llguidance.LLTokenizer] = {}
+
+
 def _tokenizer(lm: LoadedModel) -> llguidance.LLTokenizer:
     """The model's tokenizer as llguidance sees it (about a second to build: once per model)."""
-    return llguidance.hf.from_tokenizer(lm.tokenizer, n_vocab=lm.config.vocab_size, eos_token=lm.eos_token_ids)
+    key = (lm.tokenizer_id, lm.config.vocab_size, tuple(lm.eos_token_ids))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = llguidance.hf.from_tokenizer(lm.tokenizer, n_vocab=lm.config.vocab_size,
+                                                        eos_token=lm.eos_token_ids)
+    return _TOKENIZERS[key]
 
 
 def grammar(response_format: dict) -> str | None:

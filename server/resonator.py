@@ -69,3 +69,14 @@ class Resonator:
                 break
         self.next_id = token
         return out
+
+    def adopt(self, drafts: list[int], accepted: int, token: int) -> None:
+        """Take a verdict on `drafts` (just generated): keep the K/V of the accepted ones, and
+        continue from the anchor's `token`, as a page does (protocol/SPEC.md)."""
+        if accepted == len(drafts):  # ack: the last draft has no K/V yet
+            self.step(drafts[-1])
+        else:  # correction: drop the K/V of the rejected drafts
+            keep = self.position - (len(drafts) - 1 - accepted)
+            self.past = [(k[:, :keep], v[:, :keep]) for k, v in self.past]
+            self.position = keep
+        self.next_id = token
