@@ -1,6 +1,7 @@
 // An answer drafted on this machine's GPU: confirmed by the anchor through the reconciler, or
 // with draftSize 0 the resonator alone, unverified.
 
+import { draft, ended } from './answer-rules.js';
 import { AnswerText } from './chunks.js';
 import { addSegment, fullHologram, lastAnswer, load } from './conversation.js';
 import { HPIError } from './errors.js';
@@ -12,7 +13,7 @@ export async function writeOnGpu(rt, record, maxTokens, chunks) {
   const answer = lastAnswer(record);
   // A verdict may confirm one token past the limit: a session keeps it (its record follows
   // the anchor's), a one-off completion stops at max_tokens as OpenAI's does.
-  const answerText = new AnswerText(rt, answer, chunks, record.ephemeral ? maxTokens : Infinity);
+  const answerText = new AnswerText(rt, answer, chunks, record.ephemeral ? maxTokens : Infinity, record.sampling);
   try {
     if (rt.loaded !== record.id) await load(rt, record);
     if (rt.draftSize) {
@@ -32,15 +33,15 @@ export async function writeOnGpu(rt, record, maxTokens, chunks) {
 async function verify(rt, record, answer, maxTokens, answerText) {
   const r = rt.reconciler = new Reconciler(rt.gpu, record.session, record.sync, {
     anchor: rt.anchor, draftSize: rt.draftSize, maxProvisional: rt.maxProvisional, drift: rt.drift,
-    ...record.sampling,
+    sampling: record.sampling, answer: answer.ids,
     onChange: () => {
       rt.stats.tokensPerSecond = r.stats.generated / Math.max(r.stats.draftSeconds, 1e-3);
       answerText.update(r);
     },
     onConfirmed: async (tokens, sync) => {
       answer.ids.push(...tokens);
-      answer.content = rt.decode(answer.ids);
-      answer.ended = tokens.some((id) => rt.gpu.eos.has(id));
+      answer.content = rt.content(record, answer.ids);
+      answer.ended = ended(rt.gpu, record.sampling, answer.ids);
       record.sync = sync;
       await rt.persist(record);
     },
@@ -49,8 +50,8 @@ async function verify(rt, record, answer, maxTokens, answerText) {
       record.segments = [];
       await addSegment(rt, record, await fullHologram(rt, record));
       answer.ids = [...ready.tokens];
-      answer.content = rt.decode(answer.ids);
-      answer.ended = ready.tokens.some((id) => rt.gpu.eos.has(id));
+      answer.content = rt.content(record, answer.ids);
+      answer.ended = ended(rt.gpu, record.sampling, answer.ids);
       record.sync = { position: ready.position, chain: ready.chain };
       await rt.persist(record);
     },
@@ -62,12 +63,12 @@ async function verify(rt, record, answer, maxTokens, answerText) {
 /** The resonator alone (draftSize 0): nothing is verified (tests and benchmarks). */
 async function draftAlone(rt, record, answer, maxTokens, answerText) {
   const t0 = performance.now();
-  const ids = await rt.gpu.generate(maxTokens, { ...record.sampling, onTokens: (batch) => {
+  await draft(rt.gpu, maxTokens, record.sampling, [...answer.ids], (batch) => {
     answer.ids.push(...batch);
-    answer.content = rt.decode(answer.ids);
+    answer.content = rt.content(record, answer.ids);
     record.sync.position += batch.length;
     rt.stats.tokensPerSecond = answer.ids.length / ((performance.now() - t0) / 1000);
     answerText.update(null);
-  } });
-  answer.ended = ids.some((id) => rt.gpu.eos.has(id));
+  });
+  answer.ended = ended(rt.gpu, record.sampling, answer.ids);
 }

@@ -6,14 +6,18 @@ import { writeOnGpu } from './answer-gpu.js';
 import { writeOnServer } from './answer-server.js';
 import { ChunkStream } from './chunks.js';
 import { dropSession, newRecord, readTurn } from './conversation.js';
+import { samplingOf } from './sampling.js';
 
 const DEFAULT_MAX_TOKENS = 256;
 
 /** OpenAI's create: the anchor reads `messages` in a session of its own, deleted after the answer. */
-export async function complete(rt, { messages, stream = false, temperature = 0, seed = 0, max_tokens: maxTokens,
-  max_completion_tokens: maxCompletionTokens }) {
+export async function complete(rt, { messages, stream = false, model, max_tokens: maxTokens,
+  max_completion_tokens: maxCompletionTokens, ...sampling }) {
   if (!Array.isArray(messages) || !messages.length) throw new TypeError('messages: a non-empty array');
-  const record = newRecord(rt, { temperature, seed }, null, true);
+  if (model !== undefined && model !== rt.model.model_key && model !== rt.model.anchor_model) {
+    throw new TypeError(`model: this engine serves ${rt.model.model_key}, not ${model}`);
+  }
+  const record = newRecord(rt, samplingOf(sampling), null, true);
   const forget = () => {
     if (rt.current === record) rt.current = null;
     dropSession(rt, record);

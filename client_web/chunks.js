@@ -1,18 +1,20 @@
 // The chat.completion.chunk stream of one answer, and the text that goes into it: confirmed
 // tokens as `delta.content`, the provisional tail restated in `hpi`.
 
+import { cut, ended, held, stopsOf } from './answer-rules.js';
 import { ProtocolError } from './errors.js';
 
 /**
  * The chunks of one answer from its token ids. Only confirmed text goes in `delta.content`
  * (so the deltas add up to the exact answer); the provisional tail is restated whole in every
- * chunk. A character split across tokens waits for its last byte, as the anchor's own stream does.
+ * chunk. A character split across tokens waits for its last byte, as the anchor's own stream does;
+ * text that could begin a stop text waits until it cannot, so no delta is ever cut later.
  */
 export class AnswerText {
-  constructor(rt, answer, chunks, limit) {
-    Object.assign(this, { rt, answer, chunks, limit });
+  constructor(rt, answer, chunks, limit, sampling = {}) {
+    Object.assign(this, { rt, answer, chunks, limit, sampling, stops: stopsOf(sampling) });
     this.base = answer.ids.length;
-    this.baseText = stable(rt.decode(answer.ids)).length;
+    this.baseText = this.settled(answer.ids, false).length;
     this.sent = '';
     this.reported = 0;
     this.tail = [];
@@ -27,8 +29,7 @@ export class AnswerText {
     const ids = this.answer.ids.slice(0, this.base + this.limit);
     const mine = ids.slice(this.base);
     const tail = r ? [...r.provisional] : [];
-    const text = this.rt.decode(ids);
-    const confirmed = (finish ? text : stable(text)).slice(this.baseText);
+    const confirmed = this.settled(ids, finish).slice(this.baseText);
     if (!confirmed.startsWith(this.sent)) throw new ProtocolError('the confirmed text of the answer changed');
     const tokens = mine.slice(this.reported);
     const corrections = r?.stats.corrections ?? 0;
@@ -51,9 +52,17 @@ export class AnswerText {
       total_tokens: this.answer.start + this.base + mine.length };
   }
 
+  /** The answer's text that no later token changes (all of it, cut at a stop, when `final`). */
+  settled(ids, final) {
+    const [text, stopped] = cut(this.rt.decode(ids), this.stops);
+    if (final || stopped) return text;
+    const sure = stable(text);
+    return sure.slice(0, sure.length - held(sure, this.stops));
+  }
+
   finish() {
-    const ended = this.answer.ids.slice(this.base, this.base + this.limit).some((id) => this.rt.gpu.eos.has(id));
-    this.update(this.rt.reconciler, ended ? 'stop' : 'length');
+    const ids = this.answer.ids.slice(0, this.base + this.limit);
+    this.update(this.rt.reconciler, ended(this.rt.gpu, this.sampling, ids) ? 'stop' : 'length');
   }
 }
 

@@ -82,7 +82,7 @@ export async function readTurn(rt, record, messages) {
   }
   let seg;
   if (!record.session) {
-    const body = await rt.anchor.json('/v1/sessions', { method: 'POST', json: { messages: turns } });
+    const body = await rt.anchor.json('/v1/sessions', { method: 'POST', json: { messages: turns, ...record.sampling } });
     record.session = { id: body.session_id, token: body.token };
     seg = await segmentOf(rt, await rt.anchor.request(body.hologram_url, { token: body.token }));
   } else {
@@ -120,7 +120,7 @@ export function trail(rt, record, path, body) {
  */
 export async function restoreTo(rt, record, r) {
   record.turns.length = r.n_messages;
-  record.turns.push({ role: 'assistant', ids: [...r.tokens], content: rt.decode(r.tokens), start: r.chain_base });
+  record.turns.push({ role: 'assistant', ids: [...r.tokens], content: rt.content(record, r.tokens), start: r.chain_base });
   record.segments = record.segments.filter((seg) => seg.end <= r.position - 1);
   record.checkpoints = (record.checkpoints || []).filter((c) => c.position <= r.position);
   record.sync = { position: r.position, chain: hexBytes(r.chain) };

@@ -3,6 +3,7 @@
 import { complete } from './answer.js';
 import { newRecord } from './conversation.js';
 import { Runtime } from './runtime.js';
+import { samplingOf } from './sampling.js';
 import { Session } from './session.js';
 
 /**
@@ -24,9 +25,12 @@ class Engine {
     this.#rt = runtime;
     this.chat = { completions: { create: (params) => complete(runtime, params) } };
     this.sessions = {
-      /** A new conversation; nothing is sent or kept before its first `send`. */
-      create: ({ temperature = 0, seed = 0, title = null } = {}) => new Session(runtime,
-        newRecord(runtime, { temperature, seed }, title)),
+      /**
+       * A new conversation; nothing is sent or kept before its first `send`. Its answers' sampling
+       * takes OpenAI's fields (temperature, seed, top_p, top_k, presence_penalty, frequency_penalty,
+       * logit_bias, stop, response_format), confirmed by the anchor exactly as it applies them.
+       */
+      create: ({ title = null, ...sampling } = {}) => new Session(runtime, newRecord(runtime, samplingOf(sampling), title)),
       /** The conversations kept in IndexedDB for this model, newest first. */
       list: async () => (await runtime.storage.listSessions())
         .filter((r) => r.modelKey === runtime.model.model_key && Array.isArray(r.turns))

@@ -10,6 +10,7 @@
 // When the anchor cannot be reached the engine keeps drafting up to `maxProvisional`
 // tokens, retries, and reconciles the tail once the anchor answers again.
 
+import { draft, ended } from './answer-rules.js';
 import { FATAL, MAX_DRAFT } from './protocol.js';
 import { ProtocolError } from './errors.js';
 import { SyncChannel } from './sync.js';
@@ -19,16 +20,18 @@ const RETRY_MS = [250, 500, 1000, 2000, 4000];
 export class Reconciler {
   /**
    * engine: a Resonator positioned as above. session: {id, token}. sync: {position, chain}.
-   * anchor: the AnchorClient of the sync channel.
+   * anchor: the AnchorClient of the sync channel. sampling: the session's options (temperature,
+   * seed, top_p, …, stop: protocol/SPEC.md "Sampling"); answer: the answer's confirmed ids so far.
    * Hooks: onChange() after any visible change; onConfirmed(tokens, sync) after a verdict,
    * before the page relies on it (the page persists it there); onRefresh(ready) when the
    * anchor's chain is not ours and the page must reload the conversation from the anchor.
    */
-  constructor(engine, session, sync, { anchor, draftSize = 16, maxProvisional = 256, temperature = 0, seed = 0,
+  constructor(engine, session, sync, { anchor, draftSize = 16, maxProvisional = 256, sampling = {}, answer = [],
     drift = false, onChange = () => {}, onConfirmed = async () => {}, onRefresh = async () => {} } = {}) {
     // A draft frame carries at most MAX_DRAFT tokens; the anchor refuses a longer one.
     Object.assign(this, { engine, session, anchor, draftSize: Math.min(draftSize, MAX_DRAFT), maxProvisional,
-      temperature, seed, drift, onChange, onConfirmed, onRefresh });
+      sampling, drift, onChange, onConfirmed, onRefresh });
+    this.answer = [...answer];
     this.position = sync.position;
     this.chain = sync.chain;
     this.last = engine.nextId;  // the last confirmed token: the engine starts with no provisional tail
@@ -44,11 +47,11 @@ export class Reconciler {
       bytesSent: 0, bytesReceived: 0, generated: 0, draftSeconds: 0 };
   }
 
-  /** Reconcile until `limit` more tokens are confirmed or an end of turn is; returns the confirmed ones. */
+  /** Reconcile until `limit` more tokens are confirmed or the answer ends; returns the confirmed ones. */
   async run(limit) {
     const target = this.target = this.position + limit;
-    const finished = () => this.position >= target || this.confirmedEos;
-    this.confirmedEos = false;
+    const finished = () => this.position >= target || this.answerOver;
+    this.answerOver = false;
     this.stopped = false;
     this.running = true;
     try {
@@ -83,9 +86,8 @@ export class Reconciler {
   }
 
   canDraft(target) {
-    const last = this.provisional.at(-1);
     const ahead = this.online ? Math.min(2 * this.draftSize, this.maxProvisional) : this.maxProvisional;
-    return !(last !== undefined && this.engine.eos.has(last))
+    return !ended(this.engine, this.sampling, [...this.answer, ...this.provisional])
       && this.position + this.provisional.length < target
       && this.provisional.length < ahead;
   }
@@ -94,7 +96,7 @@ export class Reconciler {
     const room = Math.min(target - this.position - this.provisional.length, this.engine.opts.batch,
       this.maxProvisional - this.provisional.length);
     const t0 = performance.now();
-    const ids = await this.engine.generate(room, { temperature: this.temperature, seed: this.seed });
+    const ids = await draft(this.engine, room, this.sampling, [...this.answer, ...this.provisional]);
     this.stats.generated += ids.length;
     this.stats.draftSeconds += (performance.now() - t0) / 1000;
     this.provisional.push(...ids);
@@ -116,8 +118,8 @@ export class Reconciler {
   // the target, so an answer runs past its limit by one token at most (a draft is never empty).
   send() {
     const tokens = this.provisional.slice(0, Math.min(this.draftSize, Math.max(1, this.target - this.position - 1)));
-    const eos = tokens.findIndex((t) => this.engine.eos.has(t));
-    if (eos >= 0) tokens.length = eos + 1;
+    const end = tokens.findIndex((_, i) => ended(this.engine, this.sampling, [...this.answer, ...tokens.slice(0, i + 1)]));
+    if (end >= 0) tokens.length = end + 1;
     this.inflight = { tokens };
     this.stats.drafted += tokens.length;
     this.channel.draft(this.position, this.chain, tokens).then(
@@ -168,7 +170,8 @@ export class Reconciler {
     this.chain = chain;
     this.last = tokens.at(-1);
     this.drifted = false;
-    if (tokens.some((t) => this.engine.eos.has(t))) this.confirmedEos = true;
+    this.answer.push(...tokens);
+    if (ended(this.engine, this.sampling, this.answer)) this.answerOver = true;
     await this.onConfirmed(tokens, { position, chain });
     this.onChange();
   }
@@ -177,7 +180,8 @@ export class Reconciler {
     let ready;
     try {
       ({ channel: this.channel, ready } = await SyncChannel.open(this.session.id, this.session.token, {
-        position: this.position, chain: this.chain, temperature: this.temperature, seed: this.seed,
+        position: this.position, chain: this.chain, temperature: this.sampling.temperature ?? 0,
+        seed: this.sampling.seed ?? 0,
       }, { stats: this.stats, onClose: () => this.wake(), anchor: this.anchor }));
     } catch (e) {
       if (FATAL.has(e.anchorCode)) throw e;
@@ -192,7 +196,8 @@ export class Reconciler {
       this.position = ready.position;
       this.chain = ready.chain;
       this.last = this.engine.nextId;
-      this.confirmedEos = ready.tokens.some((t) => this.engine.eos.has(t));
+      this.answer = [...ready.tokens];
+      this.answerOver = ended(this.engine, this.sampling, this.answer);
       this.stats.refreshes += 1;
     } else if (ready.tokens.length) {
       await this.adopt(ready.tokens, ready);  // verdicts the page never received

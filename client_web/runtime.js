@@ -2,6 +2,7 @@
 // the GPU engine (restarted from IndexedDB when its device is lost), the store, and the queue
 // that keeps one conversation on the GPU at a time.
 
+import { cut, stopsOf } from './answer-rules.js';
 import { AnchorClient } from './anchor.js';
 import { checkAdapter, checkQuota } from './capabilities.js';
 import { load } from './conversation.js';
@@ -92,5 +93,10 @@ export class Runtime {
 
   decode(ids) {
     return this.gpu.decode(ids.filter((id) => !this.gpu.eos.has(id)));
+  }
+
+  /** An answer's text as the user reads it: cut before a stop text of the conversation's sampling. */
+  content(record, ids) {
+    return cut(this.decode(ids), stopsOf(record.sampling))[0];
   }
 }

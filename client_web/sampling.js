@@ -75,3 +75,17 @@ export function choose(logits, s, position, answer = [], allowed = null) {
     : Array.from(scaled.keys());
   return argmaxOf(ids, noisy);
 }
+
+// OpenAI's sampling fields a session takes (server/request_sampling.py SamplingFields; a test
+// pins the two lists together). The anchor checks their ranges.
+export const SAMPLING_FIELDS = ['temperature', 'seed', 'top_p', 'top_k', 'presence_penalty', 'frequency_penalty',
+  'logit_bias', 'stop', 'response_format'];
+
+/** A conversation's sampling from create()'s parameters; any other parameter is refused by name. */
+export function samplingOf(params) {
+  const unknown = Object.keys(params).filter((k) => !SAMPLING_FIELDS.includes(k));
+  if (unknown.length) throw new TypeError(`unsupported parameter${unknown.length > 1 ? 's' : ''}: ${unknown.join(', ')}`);
+  const s = { temperature: 0, seed: 0 };
+  for (const k of SAMPLING_FIELDS) if (params[k] !== undefined && params[k] !== null) s[k] = params[k];
+  return s;
+}

@@ -96,4 +96,5 @@ class Holograms:
         lm = self.anchor.lm
         answer = session.caches.ids[session.chain_base:]
         ids = session.caches.ids + turns.next_turn_ids(lm, session.messages, answer, list(messages))
-        return ids, [{"role": "assistant", "content": turns.answer_text(lm, answer)}, *messages]
+        stops = session.sampling.stop if session.sampling else ()
+        return ids, [{"role": "assistant", "content": turns.answer_text(lm, answer, stops)}, *messages]

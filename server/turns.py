@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 
+from hpi.answer_rules import cut
 from hpi.models import LoadedModel, ModelError
 
 
@@ -29,6 +30,7 @@ def next_turn_ids(lm: LoadedModel, history: list[dict], answer_ids: list[int], m
     return ids
 
 
-def answer_text(lm: LoadedModel, answer_ids: list[int]) -> str:
-    """The answer as the transcript keeps it: its text without special tokens."""
-    return lm.tokenizer.decode(answer_ids, skip_special_tokens=True)
+def answer_text(lm: LoadedModel, answer_ids: list[int], stops: tuple[str, ...] = ()) -> str:
+    """The answer as the transcript keeps it: its text without special tokens, cut before a stop text
+    (its tokens stay in the conversation as confirmed)."""
+    return cut(lm.tokenizer.decode(answer_ids, skip_special_tokens=True), stops)[0]
