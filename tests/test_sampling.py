@@ -121,3 +121,12 @@ def test_sampling_round_trips_through_json_and_older_transcripts():
     assert Sampling.from_json(json.loads(json.dumps(s.to_json()))) == s
     assert s.logit_bias == ((2, -3.0), (7, 1.0)) and s.stop == ("STOP",)
     assert Sampling.from_json([0.5, 9]) == Sampling(0.5, 9)
+
+
+@node
+def test_the_page_takes_the_anchors_sampling_fields():
+    from hpi.request_sampling import SamplingFields
+    r = subprocess.run(["node", "--input-type=module", "-e",
+                        f"import {{ SAMPLING_FIELDS }} from '{(REPO / 'client_web' / 'sampling.js').as_uri()}';"
+                        "console.log(JSON.stringify(SAMPLING_FIELDS));"], capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout) == list(SamplingFields.model_fields)
