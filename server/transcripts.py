@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from hpi.durable import write_atomic
 from hpi.messages import Message
@@ -67,7 +67,11 @@ class Transcript(BaseModel):
     @field_validator("sampling", mode="before")
     @classmethod
     def _sampling(cls, v):
-        return None if v is None or isinstance(v, Sampling) else Sampling.from_json(v)
+        return v if v is None or isinstance(v, Sampling) else Sampling.from_json(v)
+
+    @field_serializer("sampling")
+    def _sampling_json(self, v: Sampling | None) -> dict | None:
+        return None if v is None else v.to_json()
 
     @model_validator(mode="after")
     def _consistent(self) -> Transcript:

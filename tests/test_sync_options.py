@@ -38,12 +38,16 @@ def client(anchor, tmp_path_factory):
         yield c
 
 
-def reconcile(client, anchor, options: dict, limit: int, k: int = 6) -> tuple[list[int], dict]:
+def reconcile(client, anchor, options: dict, limit: int) -> tuple[list[int], dict]:
     """Create a session with `options`, draft its answer with the reference resonator, and return
     the confirmed tokens and the session's creation body."""
     r = client.post("/v1/sessions", json={"messages": MESSAGES, **options})
     assert r.status_code == 201, r.text
-    s = r.json()
+    return drive(client, anchor, r.json(), limit), r.json()
+
+
+def drive(client, anchor, s: dict, limit: int, k: int = 6) -> list[int]:
+    """Draft the answer of session `s` (its creation body) until it ends or `limit` tokens."""
     sampling = Sampling.from_json(s["sampling"])
     page_rules = AnswerRules(anchor.lm, replace(sampling, response_format=None))  # a page has no grammar
     res = Resonator(anchor.pack_bytes)
@@ -60,7 +64,7 @@ def reconcile(client, anchor, options: dict, limit: int, k: int = 6) -> tuple[li
             res.adopt(drafts, v["accepted"], v["token"])
             confirmed += drafts[:v["accepted"]] + [v["token"]]
             position, chain = v["position"], v["chain"]
-    return confirmed, s
+    return confirmed
 
 
 def alone(anchor, options: dict, limit: int) -> list[int]:
@@ -104,6 +108,15 @@ def test_a_json_schema_answer_reconciles_exactly_though_the_page_drafts_without_
     if rules.ended(truth):  # the random model closed the object: it is the schema's
         value = json.loads(rules.text(truth))
         assert set(value) == {"name", "size"} and isinstance(value["size"], int)
+
+
+def test_a_sessions_options_survive_a_restart(anchor, tmp_path):
+    options = {"temperature": 1.0, "seed": 12, "top_k": 8, "stop": ["\n\n"], "logit_bias": {"3": 2.0}}
+    with client_for(anchor, tmp_path) as before:
+        s = before.post("/v1/sessions", json={"messages": MESSAGES, **options}).json()
+    with client_for(anchor, tmp_path) as after:
+        truth = alone(anchor, options, 16)
+        assert drive(after, anchor, s, 16)[:len(truth)] == truth
 
 
 def test_a_hello_with_other_sampling_than_the_session_was_created_with_is_refused(client, anchor):
