@@ -10,6 +10,7 @@ export const ANCHOR_ERRORS = Object.freeze({
   bad_request: {"statuses": [400], "fatal": false},
   http_error: {"statuses": [400], "fatal": false},
   invalid_request: {"statuses": [422], "fatal": false},
+  unsupported_parameter: {"statuses": [400], "fatal": false},
   not_found: {"statuses": [404], "fatal": false},
   method_not_allowed: {"statuses": [405], "fatal": false},
   body_too_large: {"statuses": [413], "fatal": false},

@@ -34,6 +34,8 @@ CATALOGUE: tuple[ErrorCode, ...] = (
     ErrorCode("bad_request", (400,), meaning="the request is malformed at the HTTP level (Content-Length)"),
     ErrorCode("http_error", (400,), meaning="a request the web framework refused before any route"),
     ErrorCode("invalid_request", (422,), meaning="a body, query or field that is not valid"),
+    ErrorCode("unsupported_parameter", (400,), meaning="an OpenAI parameter or content part the anchor does not "
+                                                       "honour (the message names it)"),
     ErrorCode("not_found", (404,), meaning="no such route"),
     ErrorCode("method_not_allowed", (405,), meaning="the route does not take that method"),
     ErrorCode("body_too_large", (413,), meaning="the request body is over `max_body_bytes`"),

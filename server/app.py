@@ -9,10 +9,6 @@ token is checked (401 when absent, 403 when wrong).
 """
 
 import asyncio
-import json
-import secrets
-import threading
-import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib.resources import files
@@ -23,7 +19,7 @@ import anyio
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,21 +28,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 
 from hpi.protocol import frames
-from hpi import completions, kernels
+from hpi import kernels
 from hpi import errors
-from hpi.admission import Slots
 from hpi.anchor import Anchor
 from hpi.capture_api import capture_router
 from hpi.config import Settings
-from hpi.errors import ApiError, BadFrame, PromptTooLong, RateLimited, SessionNotFound, UnknownModel, quoted
+from hpi.errors import ApiError, BadFrame, RateLimited, SessionNotFound, UnknownModel, quoted
 from hpi.memory.api import memory_router
 from hpi.messages import request_messages
 from hpi.metrics import METRICS
 from hpi.middleware import ApiKeys, BodyLimit, InternalErrors, OriginPolicy
 from hpi.models import load_model
+from hpi.openai_api import openai_router
 from hpi.ratelimit import LocalCounts, RateLimit, RateLimiter, RedisCounts
 from hpi.request_sampling import SamplingFields
-from hpi.sampling import Sampling
 from hpi.session_state import EncodedSegment, Session
 from hpi.sessions import SessionStore
 from hpi.transcripts import CHECKPOINT_NAME
@@ -85,19 +80,6 @@ def _segment_response(request: Request, seg: EncodedSegment) -> Response:
                           {"X-HPI-Start": str(seg.start), "X-HPI-End": str(seg.end)})
 
 
-MAX_LISTED = 8  # defects named in a 422: a body of thousands of bad fields must not get a larger answer
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    errors = exc.errors()
-    parts = []
-    for err in errors[:MAX_LISTED]:
-        loc = ".".join(f"{p!s:.40}" for p in err.get("loc", ()))  # names are the client's: cut them
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
-    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-    return ("; ".join(parts) or "invalid request") + more
-
-
 def framework_error(exc: StarletteHTTPException) -> ApiError:
     """The error of a refusal by the web framework, with its status's standard phrase: its own detail
     is no message of ours."""
@@ -107,7 +89,7 @@ def framework_error(exc: StarletteHTTPException) -> ApiError:
     return error
 
 
-def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     """Request bodies, sized by the settings."""
     Messages = request_messages(settings)
 
@@ -121,19 +103,7 @@ def request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]
         model_config = ConfigDict(extra="forbid")
         messages: Messages
 
-    class ChatCompletion(BaseModel):
-        """OpenAI's request; fields it has that the anchor does not use are ignored."""
-        model_config = ConfigDict(extra="ignore")
-        model: str = ""
-        messages: Messages
-        max_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
-        max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens)
-        temperature: frames.Temperature = Field(0.0, description="0 is greedy (the default here)")
-        seed: int = Field(0, ge=0, lt=1 << 32, description="Gumbel-max noise seed when temperature > 0")
-        n: int = Field(1, ge=1, le=1)
-        stream: bool = False
-
-    return CreateSession, AppendMessages, ChatCompletion
+    return CreateSession, AppendMessages
 
 
 class SessionCreated(BaseModel):
@@ -228,7 +198,7 @@ def load_anchor(settings: Settings) -> Anchor:
 
 
 def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
-    CreateSession, AppendMessages, ChatCompletion = request_models(settings)
+    CreateSession, AppendMessages = request_models(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -276,16 +246,16 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     app.add_middleware(OriginPolicy, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins,
                        private_metrics=settings.private_metrics, private_docs=settings.private_docs)
     app.add_middleware(InternalErrors)  # outermost of ours: whatever fails below gets a JSON 500
-    completion_slots = Slots(settings.max_completions, settings.max_waiting_completions, "chat completions")
     owners = settings.owners()
     app.include_router(capture_router(settings, owners))
     app.include_router(memory_router(settings, owners))
+    app.include_router(openai_router(settings))
 
     app.add_exception_handler(ApiError, errors.handle)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return errors.InvalidRequest(_validation_message(exc)).response()
+        return errors.validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -323,19 +293,6 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
-
-    @app.get("/v1/models")
-    def models(request: Request):
-        a: Anchor = request.app.state.anchor
-        return {"models": [{
-            "model_key": a.model_key,
-            "anchor_model": a.lm.model_id,
-            "resonator_model": a.res_lm.model_id,
-            "tokenizer_id": a.res_lm.tokenizer_id,
-            "pack_hash": a.pack_hash,
-            "pack_bytes": len(a.pack_bytes),
-            "pack_url": f"/v1/models/{a.model_key}/pack",
-        }]}
 
     @app.get("/v1/models/{model_key}/pack", response_class=Response,
              responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}, 304: {}, 404: {}})
@@ -405,70 +362,6 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
             return Response(delta.data, media_type=HOLO_MEDIA_TYPE,
                             headers={"ETag": delta.etag, "X-HPI-Start": str(delta.start),
                                      "X-HPI-End": str(delta.end)})
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletion, request: Request):
-        """Anchor-only decoding in OpenAI's format (and SSE with `stream`): the baseline.
-
-        A completion decodes for at most `max_completion_seconds`, stops when its client goes
-        away, and takes one of `max_completions` turns (503 with Retry-After when the line is full).
-        """
-        lm = request.app.state.anchor.lm
-        ids = lm.chat_ids([m.model_dump() for m in body.messages])
-        if len(ids) > settings.max_prompt_tokens:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}")
-        limit = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": lm.model_id}
-        gone = threading.Event()  # the client went away: stop decoding
-        place = completion_slots.admit()
-
-        def tokens():
-            try:
-                with completion_slots.turn():
-                    if gone.is_set():  # its client left while it waited for a turn
-                        return
-                    deadline = time.monotonic() + settings.max_completion_seconds
-                    yield from completions.decode(lm, ids, limit, Sampling(body.temperature, body.seed), deadline, gone)
-            finally:
-                place.release()
-
-        def finish(last: int | None) -> str:
-            return "stop" if last in lm.eos_token_ids else "length"
-
-        if not body.stream:
-            work = asyncio.ensure_future(run_in_threadpool(lambda: list(tokens())))
-            while not (await asyncio.wait({work}, timeout=0.25))[0]:
-                if await request.is_disconnected():
-                    gone.set()
-            out = await work
-            text = completions.TextStream(lm)
-            content = "".join(text.add(t) for t in out) + text.flush()
-            return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": finish(out[-1] if out else None)}],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out),
-                              "total_tokens": len(ids) + len(out)}}
-
-        def events():
-            def chunk(delta: dict, reason: str | None = None) -> str:
-                return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": reason}]}) + "\n\n"
-
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                text, last = completions.TextStream(lm), None
-                for last in tokens():
-                    piece = text.add(last)
-                    if piece:
-                        yield chunk({"content": piece})
-                if piece := text.flush():
-                    yield chunk({"content": piece})
-                yield chunk({}, finish(last))
-                yield "data: [DONE]\n\n"
-            finally:  # the response stops pulling when its client goes away
-                gone.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.websocket("/v1/sessions/{session_id}/sync")
     async def sync(ws: WebSocket, session_id: str):

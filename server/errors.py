@@ -86,6 +86,22 @@ class ApiErrorRoute(APIRoute):
         return route
 
 
+UNSUPPORTED = "unsupported"  # the pydantic error type of a field the anchor refuses because it does not honour it
+
+
+def validation_error(errs: list[dict]) -> ApiError:
+    """The error of a request that failed validation: 400 unsupported_parameter when all it did wrong is ask for
+    what the anchor does not honour, else 422 invalid_request; the message names at most MAX_LISTED of the defects
+    (a body of thousands of bad fields must not get a larger answer), each by its place in the request."""
+    parts = []
+    for err in errs[:MAX_LISTED]:
+        loc = ".".join(f"{p!s:.40}" for p in err.get("loc", ()))  # names are the client's: cut them
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
+    more = f"; and {len(errs) - MAX_LISTED} more" if len(errs) > MAX_LISTED else ""
+    kind = UnsupportedParameter if errs and all(e.get("type") == UNSUPPORTED for e in errs) else InvalidRequest
+    return kind(("; ".join(parts) or "invalid request") + more)
+
+
 # Any request
 class BadRequest(ApiError):
     code, status = "bad_request", 400
@@ -97,6 +113,12 @@ class HttpError(ApiError):
 
 class InvalidRequest(ApiError):
     code, status = "invalid_request", 422
+
+
+class UnsupportedParameter(ApiError):
+    """A parameter of OpenAI's API (or a kind of message content) the anchor does not honour: it is refused by name
+    rather than ignored."""
+    code, status = "unsupported_parameter", 400
 
 
 class NotFound(ApiError):

@@ -461,7 +461,7 @@ LEAKS = re.compile(r"Traceback|File \"[^\"]*\", line \d+|\b\w*(Error|Exception)\
 AUTHS = ["session", "owner", "none", "none", "forged", "basic"]
 # Path parameters that name what the fixture holds; replaced by the real names when sent, so
 # that a recorded case replays against another run's session, memory and collection.
-REAL = {"session_id": "_session_", "model_key": "_model_", "/v1/memories": "_memory_",
+REAL = {"session_id": "_session_", "model_key": "_model_", "model_id": "_model_", "/v1/memories": "_memory_",
         "/v1/capture": "_collection_"}
 
 

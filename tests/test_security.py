@@ -177,6 +177,8 @@ ROUTES: dict[str, Row] = {
     "MOUNT /client": anyone(http("GET", lambda w: "/client/"), 200),
     "MOUNT /shaders": anyone(http("GET", lambda w: "/shaders/README.md"), 200),
     "GET /v1/models": anyone(http("GET", lambda w: "/v1/models"), 200),
+    "GET /v1/models/{model_id}": anyone(
+        http("GET", lambda w: "/v1/models/" + w.client.get("/v1/models", headers=w.key).json()["data"][0]["id"]), 200),
     "GET /v1/models/{model_key}/pack": anyone(
         http("GET", lambda w: w.client.get("/v1/models", headers=w.key).json()["models"][0]["pack_url"]), 200),
     "POST /v1/chat/completions": anyone(http("POST", lambda w: "/v1/chat/completions",
