@@ -30,6 +30,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,22 @@ def baseline_engine(commit: str, dest: Path) -> tuple[Path, Path] | str:
     return dest / "client_web", dest / "shaders"
 
 
+def this_engine(dest: Path) -> tuple[tuple[Path, Path], str]:
+    """A copy of this tree's client_web/ and shaders/ under `dest` (others may edit them while the
+    bench runs: every call then measures the same engine), and which commit it is."""
+    for name in ("client_web", "shaders"):
+        shutil.copytree(REPO / name, dest / name)
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "client_web", "shaders"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        version = head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        version = "no git history"
+    return (dest / "client_web", dest / "shaders"), version
+
+
 def run(files: Path, args: list[str], out: Path) -> dict:
     """One runner call (its progress on stderr, its own table dropped); its JSON result."""
     r = gpu_kernels.run_runner(files, [*args, "--out", str(out)], stdout=subprocess.DEVNULL)
@@ -178,7 +195,8 @@ def report(main_result: dict, rows: list[dict], ratio: dict | str | None, opts: 
         f"adapter: {a.get('vendor') or '?'} / {a.get('architecture') or '?'} / {a.get('description') or '?'}; "
         f"isFallbackAdapter {a.get('isFallbackAdapter')}; timestamp-query {'yes' if stamps else 'no'}; "
         f"Dawn (npm webgpu {main_result['webgpu']}), Node {main_result['node']}",
-        f"layout the engine picks on this adapter: {main_result['chosenLayout']}",
+        f"engine: client_web + shaders of {main_result['engine']}; layout it picks on this adapter: "
+        f"{main_result['chosenLayout']}",
         f"copy bandwidth: {bw['gbS']:.2f} GB/s ({bw['kernel']}, {bw['bytes'] / 2 ** 20:.0f} MiB, read + write, "
         f"{bw['method']})",
         f"model: {main_result['model']}; pack {main_result['packBytes'] / 1e6:.1f} MB",
@@ -234,9 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     files = gpu_kernels.prepare(anchor, lm, sorted({*contexts, args.ratio_ctx}), gpu_kernels.FILES / anchor.model_key)
     del lm, anchor  # the runner needs the memory more than the prefill's leftovers
 
-    common = ["--adapter", args.adapter]
     with tempfile.TemporaryDirectory(prefix="hpi-layouts-") as tmp:
         tmp = Path(tmp)
+        (client, shaders), version = this_engine(tmp / "this")
+        log(f"engine: client_web + shaders of {version}, copied to {tmp / 'this'}")
+        common = ["--adapter", args.adapter, "--client", str(client), "--shaders", str(shaders)]
         log(f"table: layouts {args.layouts}, contexts {contexts}")
         main_result = run(files, [*common, "--ctx", ",".join(map(str, contexts)), "--layouts", args.layouts,
                                   "--new", str(args.new), "--warmup", str(args.warmup),
@@ -250,8 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                 ratio = engine
             else:
                 chosen = main_result["chosenLayout"]
-                calls = {"this": ["--layouts", chosen], "baseline": ["--client", str(engine[0]), "--shaders", str(engine[1])]}
-                each = [*common, "--ctx", str(args.ratio_ctx), "--new", str(args.ratio_new), "--warmup",
+                calls = {"this": [*common, "--layouts", chosen],
+                         "baseline": ["--adapter", args.adapter, "--client", str(engine[0]), "--shaders", str(engine[1])]}
+                each = ["--ctx", str(args.ratio_ctx), "--new", str(args.ratio_new), "--warmup",
                         str(args.ratio_warmup), "--profile-repeats", "0", "--probe-mb", "8"]
                 tok_s: dict[str, list[float]] = {"this": [], "baseline": []}
                 tokens: dict[str, list] = {"this": [], "baseline": []}
@@ -266,12 +287,12 @@ def main(argv: list[str] | None = None) -> None:
                          "sameTokens": all(t == tokens["this"][0] for t in tokens["this"] + tokens["baseline"])}
 
     opts = {"new": args.new, "warmup": args.warmup, "profile_repeats": args.profile_repeats}
-    text = report(main_result, rows, ratio, opts)
+    text = report(main_result | {"engine": version}, rows, ratio, opts)
     print(text)
     out = args.out or gpu_kernels.FILES / f"layouts-{files.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python -m bench.layouts", *(argv if argv is not None else sys.argv[1:])]),
-                               "machine": machine(), "options": vars(args) | {"out": str(out)}, "table": main_result,
+                               "machine": machine(), "engine": version, "options": vars(args) | {"out": str(out)}, "table": main_result,
                                "cells": rows, "ratio": ratio, "text": text}, indent=1, default=str) + "\n")
     log(f"wrote {out}")
 
