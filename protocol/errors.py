@@ -50,7 +50,7 @@ CATALOGUE: tuple[ErrorCode, ...] = (
     ErrorCode("unauthorized", (401,), fatal=True, meaning="no bearer token"),
     ErrorCode("forbidden", (403,), fatal=True, meaning="the bearer token does not reach this resource"),
     # Models
-    ErrorCode("unknown_model", (404,), meaning="no model pack of that key"),
+    ErrorCode("unknown_model", (404,), meaning="no model, or model pack, of that id or key"),
     # Sessions
     ErrorCode("session_not_found", (404,), fatal=True, meaning="no such session, or it was deleted"),
     ErrorCode("prompt_too_long", (413,), meaning="a prompt, turn or context over its token limit"),

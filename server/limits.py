@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from hpi.protocol import frames
-from hpi import capture_api, checkpoints, hyperbolic, serving
+from hpi import capture_api, checkpoints, hyperbolic, openai_api, serving
 from hpi.config import Settings
 from hpi.memory import budget
 
@@ -65,6 +65,8 @@ LIMITS = [
           "prompt_too_long", "tokens"),
     Limit("max_new_tokens", "tokens one chat completion (`max_tokens`) or a memory's generate (`n_tokens`) asks "
                             "for", 422, "invalid_request", "tokens"),
+    fixed(openai_api, "MAX_CHOICES", "choices (`n`) of one chat completion, decoded one after another", 422,
+          "invalid_request"),
     Limit("rate_per_ip", "requests one client address sends a minute (the page, `/healthz` and `/metrics` are not "
                          "counted)", 429, "rate_limited", "/min", "with `Retry-After`"),
     Limit("rate_per_token", "requests one bearer token, or sync frames one session, sends a minute", 429,

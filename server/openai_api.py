@@ -121,7 +121,7 @@ def completion_request(settings: Settings) -> type[BaseModel]:
                 raise PydanticCustomError(UNSUPPORTED, "{names} not supported: {why}", {
                     "names": " and ".join(asked) + (" are" if len(asked) > 1 else " is"),
                     "why": "; ".join(dict.fromkeys(UNSUPPORTED_PARAMETERS[k] for k in asked))})
-            return {k: v for k, v in data.items() if k not in UNSUPPORTED_PARAMETERS}  # null: the same as absent
+            return {k: v for k, v in data.items() if v is not None}  # null is absent, as OpenAI takes it
 
         @model_validator(mode="after")
         def _combinations(self) -> Self:
@@ -189,7 +189,7 @@ def openai_router(settings: Settings) -> APIRouter:
     @router.get("/v1/models/{model_id}")
     def get_model(model_id: str, request: Request):
         a: Anchor = request.app.state.anchor
-        check_model(a, model_id or None)
+        check_model(a, model_id)
         return model_card(a)
 
     @router.post("/v1/chat/completions")

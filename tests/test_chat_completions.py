@@ -7,6 +7,7 @@ server-only path is that loop), plain and streamed; every one it refuses is refu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 
 from hpi import completions
 from hpi.answer_rules import cut
-from hpi.openai_api import MAX_CHOICES, UNSUPPORTED_PARAMETERS, ChoiceText
+from hpi.config import Settings
+from hpi.openai_api import MAX_CHOICES, UNSUPPORTED_PARAMETERS, ChoiceText, completion_request
 from hpi.sampling import Sampling
 
 MESSAGES = [{"role": "user", "content": "Name three things a cache keeps."}]
@@ -286,6 +288,17 @@ def test_tools_through_the_client_and_null_parameters(client, model, tiny_server
     r = httpx.post(f"{tiny_server[0]}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
                                                                     "tools": None, "user": None})
     assert r.status_code == 200  # null is absent
+
+
+def test_every_parameter_of_the_client_is_honoured_or_refused_and_in_the_readme():
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+    sent = set(CompletionCreateParamsBase.__annotations__)
+    honoured = set(completion_request(Settings()).model_fields)
+    assert not sent & honoured & set(UNSUPPORTED_PARAMETERS)
+    assert sent <= honoured | set(UNSUPPORTED_PARAMETERS), "a parameter of the client that is neither"
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    table = readme.split("### OpenAI parameters")[1].split("\n## ")[0]
+    assert [p for p in sorted(sent | honoured) if f"`{p}`" not in table] == []
 
 
 def test_bad_requests_get_clear_errors(client, model):

@@ -426,6 +426,12 @@ def probe_new_tokens(p: Probe):
     p.refused(client.post(f"/v1/memories/{MINE}/generate", json={"text": TEXT, "n_tokens": 3}, headers=auth))
 
 
+def probe_choices(p: Probe):
+    client, body = p.make_client(), {"messages": USER, "max_tokens": 1}
+    assert client.post("/v1/chat/completions", json={**body, "n": p.limit.value}).status_code == 200
+    p.refused(client.post("/v1/chat/completions", json={**body, "n": p.limit.value + 1}))
+
+
 def probe_rate_per_ip(p: Probe):
     client = p.make_client(rate_per_ip=3, rate_per_token=0)
     for _ in range(3):
@@ -740,6 +746,7 @@ PROBES: dict[str, Callable[[Probe], None]] = {
     "max_message_chars": probe_message_chars,
     "max_prompt_tokens": probe_prompt_tokens,
     "max_new_tokens": probe_new_tokens,
+    "MAX_CHOICES": probe_choices,
     "rate_per_ip": probe_rate_per_ip,
     "rate_per_token": probe_rate_per_token,
     "max_sessions": probe_sessions,
