@@ -252,6 +252,15 @@ def test_text_parts_and_the_developer_role(client, model):
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "4", "tool_call_id": "x"}])
 
 
+def test_sessions_take_text_parts_and_the_developer_role_too(tiny_server, tiny):
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": "Name three things."}]
+    r = httpx.post(f"{tiny_server[0]}/v1/sessions", json={"messages": parts})
+    assert r.status_code == 201, r.text
+    kept = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three things."}]
+    assert r.json()["n_tokens"] == len(tiny.chat_ids(kept))
+
+
 # response_format
 
 def test_json_schema_and_json_object_answer_json(client, tiny, model):
