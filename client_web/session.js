@@ -67,7 +67,7 @@ export class Session {
       const record = structuredClone(this.record);
       Object.assign(record, { id: crypto.randomUUID(), title: `${record.title} (fork)`, created: Date.now(),
         session: { id: r.session_id, token: r.token },
-        sampling: { temperature: r.sampling[0], seed: r.sampling[1] } });
+        sampling: r.sampling ?? this.record.sampling });
       await restoreTo(this.#rt, record, r);
       const fork = new Session(this.#rt, record);
       fork.forkedFrom = { ...r.forked_from, shared_tokens: r.shared_tokens };

@@ -175,7 +175,8 @@ class Forked(TrailPosition):
     token: str
     forked_from: ForkOrigin
     shared_tokens: int = Field(description="KV positions shared with the parent (copy-on-write)")
-    sampling: tuple[float, int] | None
+    sampling: dict | None = Field(description="the fork's sampling (protocol/SPEC.md, Sampling): its parent's, with "
+                                              "its own temperature and seed if given")
 
 
 def _trail_position(s: Session) -> dict:
@@ -350,7 +351,7 @@ def create_app(settings: Settings, anchor: Anchor | None = None) -> FastAPI:
         response.headers[SESSION_HEADER] = f.id
         return Forked(session_id=f.id, token=f.token, shared_tokens=f.caches.anchor.frozen_tokens,
                       forked_from=ForkOrigin(session_id=session_id, checkpoint=body.checkpoint, position=position),
-                      sampling=f.sampling and f.sampling.pair, **_trail_position(f))
+                      sampling=f.sampling and f.sampling.to_json(), **_trail_position(f))
 
     @app.post("/v1/sessions/{session_id}/messages", response_class=Response,
               responses={200: {"content": {HOLO_MEDIA_TYPE: {}}}})
