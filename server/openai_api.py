@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
@@ -70,7 +70,7 @@ def openai_error(error: ApiError, param: str | None = None) -> ApiError:
 def _param(errs: list[dict]) -> str | None:
     """The request field the first validation error is about, as OpenAI names it ("messages.0.content")."""
     loc = [str(p) for p in (errs[0].get("loc", ()) if errs else ())]
-    return ".".join(loc[1:])[:80] or None if loc[:1] == ["body"] else None
+    return (".".join(loc[1:])[:80] or None) if loc[:1] == ["body"] else None
 
 
 class OpenAIRoute(APIRoute):
@@ -98,7 +98,7 @@ class StreamOptions(BaseModel):
 def completion_request(settings: Settings) -> type[BaseModel]:
     Messages = request_messages(settings)
 
-    class ChatCompletion(SamplingFields):
+    class Honoured(SamplingFields):
         """OpenAI's request. Sampling fields as sessions take them (server/request_sampling.py)."""
         model_config = ConfigDict(extra="forbid")
         model: str | None = Field(None, description="an id of /v1/models (or its model_key); absent: the anchor's")
@@ -113,15 +113,15 @@ def completion_request(settings: Settings) -> type[BaseModel]:
 
         @model_validator(mode="before")
         @classmethod
-        def _unsupported(cls, data: Any) -> Any:
-            if not isinstance(data, dict):
-                return data
-            asked = sorted(k for k, v in data.items() if k in UNSUPPORTED_PARAMETERS and v is not None)
-            if asked:
-                raise PydanticCustomError(UNSUPPORTED, "{names} not supported: {why}", {
-                    "names": " and ".join(asked) + (" are" if len(asked) > 1 else " is"),
-                    "why": "; ".join(dict.fromkeys(UNSUPPORTED_PARAMETERS[k] for k in asked))})
-            return {k: v for k, v in data.items() if v is not None}  # null is absent, as OpenAI takes it
+        def _null_is_absent(cls, data: Any) -> Any:
+            """As OpenAI takes it: a null field means its default (so an unsupported one is not asked for)."""
+            return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+        @field_validator(*UNSUPPORTED_PARAMETERS, check_fields=False)
+        @classmethod
+        def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+            raise PydanticCustomError(UNSUPPORTED, "{name} is not supported: {why}",
+                                      {"name": info.field_name, "why": UNSUPPORTED_PARAMETERS[info.field_name]})
 
         @model_validator(mode="after")
         def _combinations(self) -> Self:
@@ -131,7 +131,10 @@ def completion_request(settings: Settings) -> type[BaseModel]:
                 raise ValueError("top_logprobs needs logprobs: true")
             return self
 
-    return ChatCompletion
+    # Named as fields, so that asking for one is refused by its name rather than as an unknown field.
+    return create_model("ChatCompletion", __base__=Honoured, **{
+        name: (Any, Field(None, description=f"not supported ({why}): refused unless null"))
+        for name, why in UNSUPPORTED_PARAMETERS.items()})
 
 
 def model_card(a: Anchor) -> dict:
