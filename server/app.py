@@ -1,6 +1,6 @@
 """The anchor's HTTP API: model pack, conversation sessions and their holograms.
 
-It also serves the resonator page: `client_web/` at /client/ and the WGSL kernels of
+It mounts the routers of OpenAI's API (server/openai_api.py), state capture and memories. It also serves the resonator page: `client_web/` at /client/ and the WGSL kernels of
 `shaders/` at /shaders/, as plain static files (no build step).
 
 Every error is JSON `{"error": {"code", "message"}}` (server/errors.py). Session endpoints need the session's

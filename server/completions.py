@@ -4,7 +4,7 @@ The anchor model decodes alone, one token per forward over its own KV cache, wit
 token choice and the same end as every resonator (server/answer_rules.py, server/sampling.py). Its
 steps go through the model's batched forward (server/scheduler.py), so concurrent
 completions share forwards with each other and with verification, as the reconciled path
-does. `POST /v1/chat/completions` (server/app.py) serves it in OpenAI's format.
+does. `POST /v1/chat/completions` (server/openai_api.py) serves it in OpenAI's format.
 """
 
 from __future__ import annotations
