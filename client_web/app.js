@@ -22,6 +22,9 @@ const options = {
   drift: params.get('drift') === '1',
   batch: Number(params.get('batch') || 4),
   gemv: params.has('wg') ? { WG: Number(params.get('wg')) } : {},
+  // The kernels' layout is picked from the adapter; ?layout=cpu|gpu and ?subgroups=0 override it.
+  ...(params.has('layout') ? { layout: params.get('layout') } : {}),
+  subgroups: params.get('subgroups') !== '0',
   ...(params.has('sync') ? { draftSize: Math.max(0, Number(params.get('sync')) || 0) } : {}),
   onProgress: ({ phase, total, cached }) => {
     if (phase === 'gpu') status('Loading the model pack onto the GPU…');

@@ -9,7 +9,8 @@ import { Session } from './session.js';
 /**
  * Check this browser, load the model pack onto the GPU and resolve to a ready engine.
  * Options (README.md): anchor, apiKey, model, mode ('gpu' | 'server'), onProgress,
- * onDeviceLost, onWarning, database, draftSize, maxProvisional, shaderBase, batch, gemv, layout, drift.
+ * onDeviceLost, onWarning, database, draftSize, maxProvisional, shaderBase, batch, gemv, layout, subgroups
+ * (false: the 'gpu' layout reduces through workgroup memory only), drift.
  */
 export async function createEngine(options = {}) {
   const runtime = new Runtime(options);
@@ -45,7 +46,8 @@ class Engine {
   /** 'gpu' (drafted here, confirmed by the anchor) or 'server' (the anchor writes alone). */
   get mode() { return this.#rt.mode; }
 
-  /** packFrom, hologramFrom ('network' | 'IndexedDB'), hologramBytes, tokensPerSecond, layout (the gemv layout). */
+  /** packFrom, hologramFrom ('network' | 'IndexedDB'), hologramBytes, tokensPerSecond, layout (the kernels' layout),
+   *  subgroups (the subgroup size the 'gpu' layout's reductions shuffle within; 0: workgroup memory only). */
   get stats() { return this.#rt.stats; }
 
   /** The IndexedDB cache: `corruptions` (entries found damaged and fetched again), `usage()`. */

@@ -17,11 +17,11 @@ export class Runtime {
   constructor({ anchor = location.origin, apiKey = null, model = null, mode = 'gpu', onProgress = () => {},
     onDeviceLost = () => {}, onWarning = (message) => console.warn(message), database = 'hpi',
     draftSize = DEFAULT_DRAFT, maxProvisional = 256, shaderBase,
-    batch = 4, gemv = {}, layout = null, drift = false } = {}) {
+    batch = 4, gemv = {}, layout = null, subgroups = true, drift = false } = {}) {
     if (mode !== 'gpu' && mode !== 'server') throw new TypeError(`mode is 'gpu' or 'server', not ${mode}`);
     this.anchor = new AnchorClient(anchor, apiKey);
     Object.assign(this, { wanted: model, mode, onProgress, onDeviceLost, onWarning, database, draftSize,
-      maxProvisional, drift, gpuOptions: { shaderBase, batch, gemv, layout } });
+      maxProvisional, drift, gpuOptions: { shaderBase, batch, gemv, layout, subgroups } });
     this.stats = { hologramBytes: 0 };
     this.gpu = null;
     this.loaded = null;  // id of the record whose conversation the GPU holds
@@ -55,6 +55,7 @@ export class Runtime {
     await gpu.loadPack(bytes, this.model.pack_hash);
     this.gpu = gpu;
     this.stats.layout = gpu.layout;
+    this.stats.subgroups = gpu.subgroups;
     this.loaded = null;
     if (this.current?.segments.length) await load(this, this.current);
   }

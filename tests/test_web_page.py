@@ -158,3 +158,17 @@ def test_without_webgpu_the_anchor_answers_alone_and_says_so(context, tiny_serve
     assert "server only" in p.page.inner_text("#stats")
     assert p.count("/pack") == 0 and p.count("/v1/sessions") == 0
     assert not p.errors, p.errors
+
+
+def test_the_url_overrides_the_kernels_layout(context, tiny_server):
+    base, _ = tiny_server
+    seen = {}
+    for query in ("", "?layout=gpu", "?layout=gpu&subgroups=0"):
+        p = Page(context, base, query)
+        p.open()
+        seen[query] = p.page.evaluate("() => [window.hpi.stats.layout, window.hpi.stats.subgroups]")
+        assert not p.errors, p.errors
+        p.page.close()
+    assert seen[""] == ["cpu", 0]  # SwiftShader: the software layout, which shuffles nothing
+    assert seen["?layout=gpu"][0] == "gpu" and seen["?layout=gpu"][1] > 0  # SwiftShader has subgroups
+    assert seen["?layout=gpu&subgroups=0"] == ["gpu", 0]

@@ -209,7 +209,9 @@ def test_sampling_noise_is_bit_identical(browser, tiny_server):
 def test_smollm2_parity(browser, smollm_server, layout):
     base, anchor = smollm_server
     s = new_session(base)
-    runs = [{"n": 32, "stopAtEos": False}, {"n": 8, "temperature": 0.7, "seed": 7, "stopAtEos": False}]
+    # SwiftShader runs the 'gpu' layout's kernels (barriers) as coroutines, 10x slower: fewer tokens there.
+    n, sampled = (32, 8) if layout == "cpu" else (6, 3)
+    runs = [{"n": n, "stopAtEos": False}, {"n": sampled, "temperature": 0.7, "seed": 7, "stopAtEos": False}]
     out = run_engine(browser, base, s, runs, batch=8, layout=layout)
     assert out["layout"] == layout
     check_parity(anchor, session_hologram(base, s), out, runs)
