@@ -227,10 +227,10 @@ def openai_router(settings: Settings) -> APIRouter:
             """Each choice in turn (take one's tokens before the next)."""
             try:
                 with slots.turn():
-                    if gone.is_set():  # its client left while it waited for a turn
-                        return
                     deadline = time.monotonic() + settings.max_completion_seconds
                     for i in range(body.n):
+                        if gone.is_set():  # its client left (while it waited for a turn, or meanwhile)
+                            return
                         yield choice(i, deadline)
             finally:
                 place.release()
