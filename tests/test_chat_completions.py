@@ -87,6 +87,9 @@ def test_greedy_completion_equals_transformers_generate(client, tiny, model):
     assert r.choices[0].message.role == "assistant" and r.choices[0].logprobs is None
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(out)
     assert r.choices[0].finish_reason == ("stop" if out[-1] in tiny.eos_token_ids else "length")
+    short = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=5, max_tokens=24)
+    assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"  # the newer name wins
+    assert short.choices[0].message.content == decoded(tiny, 5)[0]
 
 
 def test_streaming_sends_the_same_text(client, model):
