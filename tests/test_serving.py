@@ -8,6 +8,7 @@ import torch
 
 from hpi import completions
 from hpi.anchor import Caches
+from hpi.answer_rules import AnswerRules
 from hpi.engine import Seq, check_invariance
 from hpi.trail import TrailCache
 from hpi.verify import verify
@@ -54,7 +55,7 @@ def test_sessions_verified_in_one_forward_confirm_their_anchor_only_answers(tiny
                     drafts[2] = (drafts[2] + 1) % tiny.config.vocab_size
                 if not at:
                     barrier.wait(timeout=30)  # the first passes of all sessions arrive together
-                v = verify(tiny, caches[i], drafts, temperature, seed)
+                v = verify(tiny, caches[i], drafts, AnswerRules(tiny, Sampling(temperature, seed)), len(prompts[i]))
                 confirmed[i] += drafts[:v.accepted] + [v.token]
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
