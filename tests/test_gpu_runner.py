@@ -62,3 +62,26 @@ def test_runner_tokens_equal_the_python_resonator(tiny, tiny_anchor, tmp_path):
         assert c["tokS"] > 0 and layout["bytesPerToken"] > 0
         assert c["profile"]["kernels"] and all(ms >= 0 for ms in c["profile"]["kernels"].values())
     assert "| layout | context | tok/s |" in r.stdout
+    assert result["chosenLayout"] in {layout["layout"] for layout in result["layouts"]}
+
+
+def test_runner_runs_an_older_engine(tiny, tiny_anchor, tmp_path):
+    """--client / --shaders: the engine before the two gemv layouts (bench/layouts.py's baseline), same tokens."""
+    from bench import layouts
+    engine = layouts.baseline_engine(layouts.BASELINE, tmp_path / "baseline")
+    if isinstance(engine, str):
+        pytest.skip(engine)
+    files = gpu_kernels.prepare(tiny_anchor, tiny, [CONTEXT], tmp_path / "files")
+    out = tmp_path / "result.json"
+    r = gpu_kernels.run_runner(files, ["--new", str(NEW), "--warmup", "1", "--profile-repeats", "0", "--probe-mb", "8",
+                                       "--client", str(engine[0]), "--shaders", str(engine[1]), "--out", str(out)],
+                               capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(out.read_text())
+
+    ref = Resonator(tiny_anchor.pack_bytes)
+    ref.add_hologram((files / f"context-{CONTEXT}.holo").read_bytes())
+    assert result["client"] == str(engine[0]) and result["chosenLayout"] is None  # it had one layout, no choice
+    [layout] = result["layouts"]
+    assert layout["layout"] == "default" and not layout["errors"]
+    assert layout["contexts"][str(CONTEXT)]["tokens"] == ref.generate(NEW, stop_at_eos=False)
