@@ -14,7 +14,7 @@ Built on bench/gpu_kernels.py (pack and holograms from the anchor) and its Node 
    ratio; the target is >= 0.95.
 
     python -m bench.layouts                          # SmolLM2, contexts 256,1024,4096, 3 rounds
-    python -m bench.layouts --model tiny             # the tests' tiny model, seconds
+    python -m bench.layouts --model tiny             # the tests' tiny model, about a minute
     python -m bench.layouts --ctx 256 --rounds 3     # smaller: one context length
     python -m bench.layouts --rounds 0               # the table only
 
@@ -190,19 +190,19 @@ def report(main_result: dict, rows: list[dict], ratio: dict | str | None, opts: 
     a, bw = main_result["adapter"], main_result["bandwidth"]
     stamps = "timestamp-query" in a["features"]
     lines = [
-        f"machine: {machine()}; 1-min load average {main_result['loadAvgStart']:.2f} at start, "
-        f"{main_result['loadAvgEnd']:.2f} at end of the table run",
-        f"adapter: {a.get('vendor') or '?'} / {a.get('architecture') or '?'} / {a.get('description') or '?'}; "
-        f"isFallbackAdapter {a.get('isFallbackAdapter')}; timestamp-query {'yes' if stamps else 'no'}; "
-        f"Dawn (npm webgpu {main_result['webgpu']}), Node {main_result['node']}",
-        f"engine: client_web + shaders of {main_result['engine']}; layout it picks on this adapter: "
-        f"{main_result['chosenLayout']}",
-        f"copy bandwidth: {bw['gbS']:.2f} GB/s ({bw['kernel']}, {bw['bytes'] / 2 ** 20:.0f} MiB, read + write, "
-        f"{bw['method']})",
+        (f"machine: {machine()}; 1-min load average {main_result['loadAvgStart']:.2f} at start, "
+         f"{main_result['loadAvgEnd']:.2f} at end of the table run"),
+        (f"adapter: {a.get('vendor') or '?'} / {a.get('architecture') or '?'} / {a.get('description') or '?'}; "
+         f"isFallbackAdapter {a.get('isFallbackAdapter')}; timestamp-query {'yes' if stamps else 'no'}; "
+         f"Dawn (npm webgpu {main_result['webgpu']}), Node {main_result['node']}"),
+        (f"engine: client_web + shaders of {main_result['engine']}; layout it picks on this adapter: "
+         f"{main_result['chosenLayout']}"),
+        (f"copy bandwidth: {bw['gbS']:.2f} GB/s ({bw['kernel']}, {bw['bytes'] / 2 ** 20:.0f} MiB, read + write, "
+         f"{bw['method']})"),
         f"model: {main_result['model']}; pack {main_result['packBytes'] / 1e6:.1f} MB",
-        f"per cell: {opts['warmup']} warm-up + {opts['new']} timed greedy tokens (few: figures are rough); "
-        f"per-kernel ms of {opts['profile_repeats']} profiled step(s) "
-        f"({'GPU timestamps' if stamps else 'isolated kernels, wall clock'})",
+        (f"per cell: {opts['warmup']} warm-up + {opts['new']} timed greedy tokens (few: figures are rough); "
+         f"per-kernel ms of {opts['profile_repeats']} profiled step(s) "
+         f"({'GPU timestamps' if stamps else 'isolated kernels, wall clock'})"),
         BYTES_COUNTED,
         "time/bound = ms/token over bound ms (the ms MB/token take at the copy bandwidth); 1 = bandwidth-bound",
         "", cell_table(rows), "", "ms per kernel of one step:", "", kernel_table(rows), "",
@@ -211,15 +211,15 @@ def report(main_result: dict, rows: list[dict], ratio: dict | str | None, opts: 
         lines.append(f"no-regression ratio: skipped ({ratio})")
     elif ratio is not None:
         lines += [
-            f"no-regression ratio: this tree's chosen layout ({ratio['layout']}) vs. {ratio['baseline']} "
-            f"(client_web + shaders before the two layouts), context {ratio['context']}, {ratio['warmup']} warm-up + "
-            f"{ratio['new']} timed tokens per call, {len(ratio['head'])} interleaved rounds (this, baseline, ...), "
-            "one runner process each", "",
+            (f"no-regression ratio: this tree's chosen layout ({ratio['layout']}) vs. {ratio['baseline']} "
+             f"(client_web + shaders before the two layouts), context {ratio['context']}, {ratio['warmup']} warm-up + "
+             f"{ratio['new']} timed tokens per call, {len(ratio['head'])} interleaved rounds (this, baseline, ...), "
+             "one runner process each"), "",
             format_table(["round", f"this ({ratio['layout']}) tok/s", f"{ratio['baseline']} tok/s"],
                          [[i + 1, h, b] for i, (h, b) in enumerate(zip(ratio["head"], ratio["base"]))]), "",
-            f"median: this {ratio['headMedian']:.3f} tok/s, {ratio['baseline']} {ratio['baseMedian']:.3f} tok/s; "
-            f"ratio {ratio['ratio']:.3f} (target >= {ratio['target']}): {'MET' if ratio['ok'] else 'NOT MET'}; "
-            f"same greedy tokens: {'yes' if ratio['sameTokens'] else 'NO'}",
+            (f"median: this {ratio['headMedian']:.3f} tok/s, {ratio['baseline']} {ratio['baseMedian']:.3f} tok/s; "
+             f"ratio {ratio['ratio']:.3f} (target >= {ratio['target']}): {'MET' if ratio['ok'] else 'NOT MET'}; "
+             f"same greedy tokens: {'yes' if ratio['sameTokens'] else 'NO'}"),
         ]
     return "\n".join(lines)
 
@@ -250,7 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     lm = gpu_kernels.load(args.model, gpu_kernels.FILES / "tiny-model")
     anchor = Anchor(lm, **Settings().anchor_options())
     files = gpu_kernels.prepare(anchor, lm, sorted({*contexts, args.ratio_ctx}), gpu_kernels.FILES / anchor.model_key)
-    del lm, anchor  # the runner needs the memory more than the prefill's leftovers
 
     with tempfile.TemporaryDirectory(prefix="hpi-layouts-") as tmp:
         tmp = Path(tmp)
