@@ -13,7 +13,7 @@ import numpy as np
 
 from hpi.constraints import Constraint
 from hpi.models import LoadedModel
-from hpi.sampling import Sampling, choose
+from hpi.sampling import Sampling, adjust, pick
 
 
 def cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -37,9 +37,13 @@ class AnswerRules:
     def allowed(self, answer: list[int]) -> np.ndarray | None:
         return None if self.constraint is None else self.constraint.allowed(answer)
 
+    def scores(self, logits, answer: list[int]) -> np.ndarray:
+        """The logits [V] float32 after the bias, the penalties and the mask, for the token after `answer`."""
+        return adjust(logits, self.sampling, answer, self.allowed(answer))
+
     def choose(self, logits, position: int, answer: list[int]) -> int:
         """The token at `position`, after the answer's tokens `answer`."""
-        return choose(logits, self.sampling, position, answer, self.allowed(answer))
+        return pick(self.scores(logits, answer), self.sampling, position)
 
     def text(self, answer: list[int]) -> str:
         return self.lm.tokenizer.decode([t for t in answer if t not in self.eos], skip_special_tokens=True)

@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
+
 from hpi.anchor import prefill
 from hpi.answer_rules import AnswerRules
 from hpi.engine import Seq
 from hpi.metrics import METRICS
 from hpi.models import LoadedModel
-from hpi.sampling import GREEDY, Sampling
+from hpi.sampling import GREEDY, Sampling, pick
 from hpi.trail import TrailCache
 
 
@@ -30,16 +32,26 @@ def decode(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, sampling: Sa
 
     The token at index i of the conversation is chosen with position i, as the resonator does.
     """
+    for token, _ in decode_steps(lm, prompt_ids, max_tokens, sampling, deadline, stop):
+        yield token
+
+
+def decode_steps(lm: LoadedModel, prompt_ids: list[int], max_tokens: int, sampling: Sampling = GREEDY,
+                 deadline: float | None = None, stop: threading.Event | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """`decode`, each token with the scores it was chosen from: the logits [V] after the bias, the
+    penalties and the mask (server/answer_rules.py `scores`), which logprobs describe."""
     rules = AnswerRules(lm, sampling)
     cache = TrailCache(config=lm.config)
     logits = prefill(lm, cache, prompt_ids)
     position = len(prompt_ids)
     answer: list[int] = []
     for _ in range(max_tokens):
-        token = rules.choose(logits.numpy(), position, answer)
+        scores = rules.scores(logits.numpy(), answer)
+        token = pick(scores, sampling, position)
         answer.append(token)
         METRICS.add("hpi_tokens_decoded_total")
-        yield token
+        yield token, scores
         if rules.ended(answer) or (stop is not None and stop.is_set()) or (
                 deadline is not None and time.monotonic() > deadline):
             return

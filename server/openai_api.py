@@ -31,7 +31,7 @@ from hpi.anchor import Anchor
 from hpi.answer_rules import cut, held
 from hpi.config import Settings
 from hpi.errors import UNSUPPORTED, ApiError, PromptTooLong, UnknownModel, quoted, validation_error
-from hpi.logprobs import MAX_TOP_LOGPROBS, Scorer
+from hpi.logprobs import MAX_TOP_LOGPROBS, logprob_entry
 from hpi.messages import request_messages
 from hpi.models import LoadedModel
 from hpi.request_sampling import SamplingFields
@@ -219,9 +219,8 @@ def openai_router(settings: Settings) -> APIRouter:
         def choice(i: int, deadline: float) -> Iterator[tuple[int, dict | None]]:
             """Choice i's tokens, each with its logprobs entry if asked for. Its seed is the request's + i."""
             s = replace(sampling, seed=(sampling.seed + i) % (1 << 32))
-            scorer = None if top is None else Scorer(lm, ids, s, top)
-            for token in completions.decode(lm, ids, limit, s, deadline, gone):
-                yield token, scorer and scorer.add(token)
+            for token, scores in completions.decode_steps(lm, ids, limit, s, deadline, gone):
+                yield token, None if top is None else logprob_entry(lm, scores, token, top)
 
         def choices() -> Iterator[Iterator[tuple[int, dict | None]]]:
             """Each choice in turn (take one's tokens before the next)."""

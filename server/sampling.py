@@ -138,7 +138,11 @@ def choose(logits, s: Sampling = GREEDY, position: int = 0, answer: Sequence[int
            allowed: np.ndarray | None = None) -> int:
     """The next token: argmax of the adjusted logits (first index on ties), or, when T > 0,
     argmax(adjusted / T + Gumbel) over the tokens top-k and top-p keep."""
-    scores = adjust(logits, s, answer, allowed)
+    return pick(adjust(logits, s, answer, allowed), s, position)
+
+
+def pick(scores: np.ndarray, s: Sampling, position: int) -> int:
+    """`choose` after `adjust`: the token from adjusted logits [V] float32."""
     if s.temperature <= 0:
         return int(np.argmax(scores))
     scaled = scores / np.float32(s.temperature)
