@@ -127,7 +127,8 @@ export class ChunkStream {
       mode = chunk.hpi.mode;
     }
     return { ...this.head, object: 'chat.completion',
-      choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: finish }],
+      choices: [{ index: 0, message: { role: 'assistant', content, refusal: null }, logprobs: null,
+        finish_reason: finish }],
       ...(this.usage ? { usage: this.usage } : {}), hpi: { mode, tokens } };
   }
 }
