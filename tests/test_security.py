@@ -612,12 +612,12 @@ def completions_in_line(p: Probe) -> tuple[bool, list, object]:
     client = p.make_client(max_completions=1, max_waiting_completions=1)
     started, release = threading.Semaphore(0), threading.Event()
 
-    def decode(*args, **kwargs):
+    def decode_steps(*args, **kwargs):
         started.release()
         release.wait(30)
         yield from ()
 
-    p.monkeypatch.setattr(completions, "decode", decode)
+    p.monkeypatch.setattr(completions, "decode_steps", decode_steps)
     answers = []
 
     def post():
