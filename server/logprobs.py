@@ -9,12 +9,11 @@ temperature: the scores `completions.decode_steps` chose each token from, so the
 from __future__ import annotations
 
 import numpy as np
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
 from hpi.models import LoadedModel
+from hpi.pack import byte_decoder
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE writes each byte as one of these characters
+BYTE_OF = byte_decoder()  # byte-level BPE writes each byte as one of these characters
 
 
 def token_bytes(lm: LoadedModel, token: int) -> bytes:

@@ -118,7 +118,7 @@ def _linear_planes(lm: LoadedModel, w: LlamaWeights) -> dict[str, tuple[str, dic
 
 # ---- tokenizer bytes ----------------------------------------------------------------------
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode, which byte-level BPE vocabularies are written in."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -133,7 +133,7 @@ def _byte_decoder() -> dict[str, int]:
 
 def vocab_bytes(tok) -> tuple[np.ndarray, np.ndarray]:
     """(bytes u8 [total], offsets u32 [V+1]): the raw bytes each token id stands for."""
-    dec = _byte_decoder()
+    dec = byte_decoder()
     special = set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {}))
     pieces = []
     for t in tok.convert_ids_to_tokens(list(range(len(tok)))):

@@ -78,10 +78,8 @@ def accept(heads: list[torch.Tensor], drafts: list[int], base: int, answer: list
     one completing a stop text) and that the anchor agrees with is its own token: the answer
     ends there."""
     accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == rules.choose(
-            heads[accepted].numpy(), base + accepted, answer + drafts[:accepted]):
-        if rules.ended(answer + drafts[:accepted + 1]):
-            break
+    while True:  # the anchor's choice at each position, once, until a draft differs or ends the answer
+        token = rules.choose(heads[accepted].numpy(), base + accepted, answer + drafts[:accepted])
+        if accepted == len(drafts) or drafts[accepted] != token or rules.ended(answer + drafts[:accepted + 1]):
+            return accepted, token, accepted < len(drafts) and drafts[accepted] != token
         accepted += 1
-    token = rules.choose(heads[accepted].numpy(), base + accepted, answer + drafts[:accepted])
-    return accepted, token, accepted < len(drafts) and drafts[accepted] != token
